@@ -1,0 +1,400 @@
+"""The run folder: the checkpoint format, its atomic writing and its verified loading.
+
+A run folder holds::
+
+    config.json                  format_version, the model config, the training hyperparameters
+    vocab.json                   the vocabulary (see vocab.py)
+    model-<iteration>.safetensors   the best weights so far (what the server loads)
+    resume-<iteration>.safetensors  the last training state (weights, optimizer, RNG, position)
+    manifest.json                names the current weights and resume files, with the sha256
+                                 and size of every file above, the corpus digest, word counts,
+                                 the best validation perplexity, library versions, times
+    metrics.jsonl, loss.png      written by the trainer
+
+``manifest.json`` is the commit point. A save writes its new files under new names, then
+replaces the manifest in one ``os.replace``, then removes the files that no manifest names any
+more. A crash or a kill at any moment leaves the previous manifest and every file it names in
+place, so the folder always loads. Weights are safetensors files: loading never unpickles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+from torch import Tensor
+
+from model_store.network import ConfigError, ModelConfig, WordRNN
+from model_store.vocab import Vocab, VocabError
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+VOCAB_FILE = "vocab.json"
+MANIFEST_FILE = "manifest.json"
+_MANAGED_RE = re.compile(r"^(model|resume)-\d+\.safetensors$")
+_TMP_MARK = ".tmp-"
+
+
+class CheckpointError(Exception):
+    """A run folder that cannot be loaded; ``str()`` names the offending file."""
+
+    def __init__(self, path: Path | str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = Path(path)
+        self.problem = problem
+
+
+@dataclass
+class Checkpoint:
+    """A loaded run folder: the network on its device, in eval mode, with its vocabulary."""
+
+    run_dir: Path
+    model: WordRNN
+    vocab: Vocab
+    config: ModelConfig
+    training: dict[str, Any]
+    manifest: dict[str, Any]
+    device: torch.device
+
+    @property
+    def model_id(self) -> str:
+        """A short id that changes whenever the weights change."""
+        sha = self.manifest["files"][self.manifest["weights"]]["sha256"]
+        return f"{self.run_dir.name}-{sha[:12]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` -> ``cuda`` when present, else ``cpu``; also ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
+
+    Raises ValueError with a readable message for a device this machine does not have.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {name!r} asked for, but only {torch.cuda.device_count()} CUDA "
+                "device(s) exist"
+            )
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError("device 'mps' asked for, but MPS is not available here")
+    elif device.type != "cpu":
+        raise ValueError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic files
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + _TMP_MARK, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _file_record(data: bytes) -> dict[str, Any]:
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def _json_bytes(data: Any) -> bytes:
+    return (json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False) + "\n").encode()
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for dist in ("wordrnn", "safetensors", "numpy"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[dist] = metadata.version(dist)
+    return versions
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def is_run_dir(path: Path) -> bool:
+    return (Path(path) / MANIFEST_FILE).is_file()
+
+
+def weights_state(model: WordRNN) -> dict[str, Tensor]:
+    """The tensors saved for ``model``: its state dict without the tied duplicate."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_weights:
+        state.pop("decoder.weight", None)
+    return state
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def read_manifest(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / MANIFEST_FILE
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(path, "missing: this is not a run folder") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(path, f"unreadable manifest ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
+        raise CheckpointError(path, "not a run manifest (no 'files' table)")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            path,
+            f"unsupported format_version {data.get('format_version')!r} "
+            f"(this version reads {FORMAT_VERSION})",
+        )
+    return data
+
+
+def commit(
+    run_dir: Path,
+    *,
+    config: ModelConfig | None = None,
+    training: Mapping[str, Any] | None = None,
+    vocab: Vocab | None = None,
+    weights: Mapping[str, Tensor] | None = None,
+    resume: tuple[Mapping[str, Tensor], Mapping[str, Any]] | None = None,
+    iteration: int = 0,
+    info: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write a new version of the run folder atomically and return its manifest.
+
+    The first commit must give ``config``, ``training`` and ``vocab``; later ones give new
+    ``weights`` (the best model) and/or a new ``resume`` state (tensors and a JSON-able dict)
+    and ``info`` to merge into the manifest. Files not given stay as they were.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(run_dir) if is_run_dir(run_dir) else None
+    if manifest is None:
+        if config is None or vocab is None or training is None:
+            raise ValueError("the first commit of a run folder needs config, training and vocab")
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "files": {},
+            "weights": None,
+            "resume": None,
+            "created": _now(),
+        }
+    files: dict[str, Any] = dict(manifest["files"])
+
+    def put(name: str, data: bytes) -> None:
+        atomic_write_bytes(run_dir / name, data)
+        files[name] = _file_record(data)
+
+    if config is not None:
+        header = {
+            "format_version": FORMAT_VERSION,
+            "model": config.to_json(),
+            "training": dict(training or {}),
+        }
+        put(CONFIG_FILE, _json_bytes(header))
+    if vocab is not None:
+        put(VOCAB_FILE, vocab.dumps().encode("utf-8"))
+    if weights is not None:
+        name = f"model-{iteration:08d}.safetensors"
+        put(name, safetensors.torch.save(dict(weights), metadata={"kind": "weights"}))
+        manifest["weights"] = name
+    if resume is not None:
+        tensors, state = resume
+        name = f"resume-{iteration:08d}.safetensors"
+        meta = {"kind": "resume", "state": json.dumps(state)}
+        put(name, safetensors.torch.save(dict(tensors), metadata=meta))
+        manifest["resume"] = name
+    live = {CONFIG_FILE, VOCAB_FILE, manifest["weights"], manifest["resume"]}
+    manifest["files"] = {k: v for k, v in files.items() if k in live}
+    manifest.update(dict(info or {}))
+    manifest["versions"] = library_versions()
+    manifest["updated"] = _now()
+    atomic_write_bytes(run_dir / MANIFEST_FILE, _json_bytes(manifest))
+    _remove_stale(run_dir, set(manifest["files"]))
+    return manifest
+
+
+def _remove_stale(run_dir: Path, live: set[str]) -> None:
+    """Remove weights no manifest names and temp files left by a crash (one writer per run)."""
+    for entry in run_dir.iterdir():
+        if (_MANAGED_RE.match(entry.name) and entry.name not in live) or _TMP_MARK in entry.name:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _read_verified(run_dir: Path, manifest: Mapping[str, Any], name: str) -> bytes:
+    path = run_dir / name
+    record = manifest["files"].get(name)
+    if not isinstance(record, dict):
+        raise CheckpointError(run_dir / MANIFEST_FILE, f"names no record for {name}")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(path, "missing (the manifest names it)") from None
+    except OSError as exc:
+        raise CheckpointError(path, f"unreadable ({exc.strerror})") from None
+    if len(data) != record.get("bytes") or hashlib.sha256(data).hexdigest() != record.get("sha256"):
+        raise CheckpointError(
+            path, "corrupt: its size or sha256 differs from manifest.json (truncated or edited?)"
+        )
+    return data
+
+
+def read_header(run_dir: Path) -> tuple[ModelConfig, dict[str, Any], Vocab, dict[str, Any]]:
+    """Verified config, training hyperparameters, vocabulary and manifest of a run folder."""
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    raw = _read_verified(run_dir, manifest, CONFIG_FILE)
+    path = run_dir / CONFIG_FILE
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(path, f"not valid JSON ({exc})") from None
+    if not isinstance(header, dict) or header.get("format_version") != FORMAT_VERSION:
+        version = header.get("format_version") if isinstance(header, dict) else None
+        raise CheckpointError(
+            path, f"unsupported format_version {version!r} (this version reads {FORMAT_VERSION})"
+        )
+    try:
+        config = ModelConfig.from_json(header.get("model"))
+    except ConfigError as exc:
+        raise CheckpointError(path, str(exc)) from None
+    vocab_path = run_dir / VOCAB_FILE
+    try:
+        vocab = Vocab.loads(_read_verified(run_dir, manifest, VOCAB_FILE).decode("utf-8"))
+    except (VocabError, UnicodeDecodeError) as exc:
+        raise CheckpointError(vocab_path, str(exc)) from None
+    if len(vocab) != config.vocab_size:
+        raise CheckpointError(
+            vocab_path,
+            f"holds {len(vocab)} tokens but config.json says vocab_size {config.vocab_size}",
+        )
+    training = header.get("training") or {}
+    return config, dict(training), vocab, manifest
+
+
+def _load_tensors(path: Path, data: bytes) -> tuple[dict[str, Tensor], dict[str, str]]:
+    try:
+        tensors = safetensors.torch.load(data)
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # safetensors raises several types for malformed files
+        raise CheckpointError(path, f"not a readable safetensors file ({exc})") from None
+    return tensors, meta
+
+
+def check_state(model: WordRNN, tensors: Mapping[str, Tensor], path: Path) -> None:
+    """Raise CheckpointError unless ``tensors`` match the model's names, shapes and dtypes."""
+    expected = weights_state(model)
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise CheckpointError(
+            path,
+            "tensor names do not match config.json "
+            f"(missing: {', '.join(missing) or 'none'}; unexpected: {', '.join(extra) or 'none'})",
+        )
+    for name, tensor in expected.items():
+        got = tensors[name]
+        if got.shape != tensor.shape or got.dtype != tensor.dtype:
+            raise CheckpointError(
+                path,
+                f"tensor {name} has shape {tuple(got.shape)} {got.dtype}, but config.json and "
+                f"vocab.json need {tuple(tensor.shape)} {tensor.dtype}",
+            )
+
+
+def load(run_dir: Path | str, device: str | torch.device = "cpu") -> Checkpoint:
+    """Load and verify a run folder's best weights onto ``device``, in eval mode.
+
+    Every file is checked against the sha256 in the manifest and every tensor against the
+    shapes the config and the vocabulary imply; any problem raises CheckpointError naming the
+    file. Nothing is unpickled.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(run_dir, "no such folder")
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    config, training, vocab, manifest = read_header(run_dir)
+    name = manifest.get("weights")
+    if not isinstance(name, str):
+        raise CheckpointError(
+            run_dir / MANIFEST_FILE,
+            "names no weights yet (training has not finished a first evaluation)",
+        )
+    path = run_dir / name
+    tensors, _ = _load_tensors(path, _read_verified(run_dir, manifest, name))
+    model = WordRNN(config)
+    check_state(model, tensors, path)
+    model.load_state_dict(tensors, strict=not config.tie_weights)
+    model.rnn.flatten_parameters()
+    model.to(dev).eval()
+    return Checkpoint(run_dir, model, vocab, config, training, manifest, dev)
+
+
+def load_resume(run_dir: Path | str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The last training state: its tensors and its JSON state (see ``commit(resume=...)``)."""
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    name = manifest.get("resume")
+    if not isinstance(name, str):
+        raise CheckpointError(run_dir / MANIFEST_FILE, "holds no training state to resume")
+    path = run_dir / name
+    tensors, meta = _load_tensors(path, _read_verified(run_dir, manifest, name))
+    try:
+        state = json.loads(meta["state"])
+    except (KeyError, json.JSONDecodeError):
+        raise CheckpointError(path, "has no readable training state in its metadata") from None
+    return tensors, state

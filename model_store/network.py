@@ -1,0 +1,242 @@
+"""The network: embedding -> recurrent cell -> output layer, used by training and serving.
+
+The lab's model is ``nn.Embedding -> nn.RNN(tanh, batch_first) -> nn.Linear(hidden, vocab)``;
+`ModelConfig()` with ``cell="rnn_tanh"`` and one layer builds exactly that. The other options:
+``rnn_relu``, ``lstm``, ``gru`` cells, several layers, dropout, weight tying, and an adaptive
+softmax (``AdaptiveLogSoftmaxWithLoss``) that makes the output layer, nearly all of the work at
+large vocabularies, several times cheaper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+CellName = Literal["rnn_tanh", "rnn_relu", "lstm", "gru"]
+CELLS: tuple[str, ...] = ("rnn_tanh", "rnn_relu", "lstm", "gru")
+SoftmaxName = Literal["full", "adaptive"]
+SOFTMAXES: tuple[str, ...] = ("full", "adaptive")
+
+# An LSTM's state is (h, c); the other cells' is h alone. Each is (layers, B, hidden_dim).
+Hidden = Tensor | tuple[Tensor, Tensor]
+
+
+class ConfigError(ValueError):
+    """Hyperparameters that cannot build a network."""
+
+
+def adaptive_cutoffs(vocab_size: int) -> tuple[int, ...]:
+    """Cluster boundaries for the adaptive softmax, derived from the vocabulary size.
+
+    The head keeps the ~2k most frequent words (they cover most of the running text in a
+    frequency-sorted vocabulary); tails of growing size take the rarer words.
+    """
+    cutoffs: list[int] = []
+    for edge in (2_000, 10_000, 40_000):
+        if edge < vocab_size - 1:
+            cutoffs.append(edge)
+    if not cutoffs:
+        cutoffs.append(max(1, vocab_size // 4))
+    return tuple(cutoffs)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild the network; stored in ``config.json``."""
+
+    vocab_size: int
+    cell: CellName = "rnn_tanh"
+    embed_dim: int = 64
+    hidden_dim: int = 64
+    layers: int = 1
+    dropout: float = 0.0
+    tie_weights: bool = False
+    softmax: SoftmaxName = "full"
+    cutoffs: tuple[int, ...] | None = None
+    div_value: float = 4.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.vocab_size < 3:
+            problems.append("vocab_size must be at least 3")
+        if self.cell not in CELLS:
+            problems.append(f"cell must be one of {', '.join(CELLS)} (got {self.cell!r})")
+        if self.softmax not in SOFTMAXES:
+            problems.append(f"softmax must be one of {', '.join(SOFTMAXES)}")
+        for name in ("embed_dim", "hidden_dim", "layers"):
+            if int(getattr(self, name)) < 1:
+                problems.append(f"{name} must be at least 1")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append("dropout must be in [0, 1)")
+        if self.tie_weights and self.embed_dim != self.hidden_dim:
+            problems.append(
+                f"tie_weights needs embed_dim == hidden_dim "
+                f"(got {self.embed_dim} and {self.hidden_dim})"
+            )
+        if self.tie_weights and self.softmax == "adaptive":
+            problems.append("tie_weights works with the full softmax only")
+        if self.softmax == "adaptive":
+            cutoffs = self.resolved_cutoffs()
+            if (
+                list(cutoffs) != sorted(set(cutoffs))
+                or not cutoffs[0] > 0
+                or (cutoffs[-1] >= self.vocab_size)
+            ):
+                problems.append(
+                    f"cutoffs must increase strictly within (0, {self.vocab_size}); "
+                    f"got {list(cutoffs)}"
+                )
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def resolved_cutoffs(self) -> tuple[int, ...]:
+        return tuple(self.cutoffs) if self.cutoffs else adaptive_cutoffs(self.vocab_size)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["cutoffs"] = list(self.resolved_cutoffs()) if self.softmax == "adaptive" else None
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any) -> ModelConfig:
+        if not isinstance(data, dict):
+            raise ConfigError("the model config must be a JSON object")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config keys: {', '.join(unknown)}")
+        values = dict(data)
+        if values.get("cutoffs") is not None:
+            values["cutoffs"] = tuple(values["cutoffs"])
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise ConfigError(str(exc)) from exc
+
+
+class WordRNN(nn.Module):
+    """Word-level recurrent language model.
+
+    ``features(ids, hidden)`` runs the embedding and the recurrent cell; ``log_probs`` and
+    ``loss`` apply the output layer (full or adaptive softmax) to those features.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embedding = nn.Embedding(config.vocab_size, config.embed_dim)
+        self.drop = nn.Dropout(config.dropout)
+        rnn_dropout = config.dropout if config.layers > 1 else 0.0
+        rnn_kwargs: dict[str, Any] = {
+            "input_size": config.embed_dim,
+            "hidden_size": config.hidden_dim,
+            "num_layers": config.layers,
+            "dropout": rnn_dropout,
+            "batch_first": True,
+        }
+        self.rnn: nn.RNNBase
+        if config.cell == "lstm":
+            self.rnn = nn.LSTM(**rnn_kwargs)
+        elif config.cell == "gru":
+            self.rnn = nn.GRU(**rnn_kwargs)
+        else:
+            self.rnn = nn.RNN(nonlinearity=config.cell.removeprefix("rnn_"), **rnn_kwargs)
+        self.decoder: nn.Linear | None = None
+        self.adaptive: nn.AdaptiveLogSoftmaxWithLoss | None = None
+        if config.softmax == "adaptive":
+            self.adaptive = nn.AdaptiveLogSoftmaxWithLoss(
+                config.hidden_dim,
+                config.vocab_size,
+                cutoffs=list(config.resolved_cutoffs()),
+                div_value=config.div_value,
+            )
+        else:
+            self.decoder = nn.Linear(config.hidden_dim, config.vocab_size)
+            if config.tie_weights:
+                self.decoder.weight = self.embedding.weight
+
+    def init_hidden(self, batch: int) -> Hidden:
+        """Zero state for ``batch`` rows, on the model's device and dtype."""
+        weight = self.embedding.weight
+        shape = (self.config.layers, batch, self.config.hidden_dim)
+        if self.config.cell == "lstm":
+            return (weight.new_zeros(shape), weight.new_zeros(shape))
+        return weight.new_zeros(shape)
+
+    def features(self, ids: Tensor, hidden: Hidden | None = None) -> tuple[Tensor, Hidden]:
+        """(B, T) ids -> (B, T, H) top-layer outputs and the new hidden state."""
+        emb = self.drop(self.embedding(ids))  # (B, T, E)
+        out, hidden = self.rnn(emb, hidden)  # (B, T, H)
+        return self.drop(out), cast(Hidden, hidden)
+
+    def log_probs(self, features: Tensor) -> Tensor:
+        """(..., H) features -> (..., V) log-probabilities of the next word."""
+        if self.adaptive is not None:
+            flat = features.reshape(-1, features.shape[-1])
+            return self.adaptive.log_prob(flat).reshape(*features.shape[:-1], -1)
+        assert self.decoder is not None
+        return F.log_softmax(self.decoder(features), dim=-1)
+
+    def logits(self, features: Tensor) -> Tensor:
+        """(..., H) -> (..., V) unnormalised scores (log-probabilities for the adaptive head)."""
+        if self.adaptive is not None:
+            return self.log_probs(features)
+        assert self.decoder is not None
+        return cast(Tensor, self.decoder(features))
+
+    def loss(self, features: Tensor, targets: Tensor) -> Tensor:
+        """Mean cross-entropy of (B, T, H) features against (B, T) target ids."""
+        flat = features.reshape(-1, features.shape[-1])  # (B*T, H)
+        if self.adaptive is not None:
+            return cast(Tensor, self.adaptive(flat, targets.reshape(-1)).loss)
+        assert self.decoder is not None
+        return F.cross_entropy(self.decoder(flat), targets.reshape(-1))
+
+    def forward(self, ids: Tensor, hidden: Hidden | None = None) -> tuple[Tensor, Hidden]:
+        """(B, T) ids -> (B, T, V) logits and the new hidden state."""
+        out, hidden = self.features(ids, hidden)
+        return self.logits(out), hidden
+
+
+def top_features(hidden: Hidden) -> Tensor:
+    """The top layer's output for the last fed word, read back from the hidden state: (B, H).
+
+    For every cell the last time step's output equals the top layer's ``h``, so a generation
+    state needs only the hidden state (a few kilobytes) to produce the next word's logits.
+    """
+    h = hidden[0] if isinstance(hidden, tuple) else hidden
+    return h[-1]
+
+
+def detach_hidden(hidden: Hidden) -> Hidden:
+    """Cut the graph between BPTT windows while keeping the values (truncated BPTT)."""
+    if isinstance(hidden, tuple):
+        return (hidden[0].detach(), hidden[1].detach())
+    return hidden.detach()
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def hidden_select(hidden: Hidden, rows: Tensor | list[int]) -> Hidden:
+    """Rows of a batched hidden state (the batch is dim 1)."""
+    index = rows if isinstance(rows, Tensor) else torch.tensor(rows, dtype=torch.long)
+    if isinstance(hidden, tuple):
+        return (
+            hidden[0].index_select(1, index.to(hidden[0].device)),
+            hidden[1].index_select(1, index.to(hidden[1].device)),
+        )
+    return hidden.index_select(1, index.to(hidden.device))
+
+
+def hidden_cat(parts: list[Hidden]) -> Hidden:
+    """Join single- or multi-row hidden states into one batch (dim 1)."""
+    if isinstance(parts[0], tuple):
+        pairs = cast(list[tuple[Tensor, Tensor]], parts)
+        return (torch.cat([p[0] for p in pairs], 1), torch.cat([p[1] for p in pairs], 1))
+    return torch.cat(cast(list[Tensor], parts), 1)

@@ -1,0 +1,163 @@
+"""Stateful hidden-state sampling: the one implementation behind training previews and serving.
+
+The lab's sampler feeds the seed words through the network to build up the hidden state, then
+repeatedly picks one of the top-k next words, feeds it back and carries the hidden state on.
+Here the same is done on a batch of independent rows:
+
+    hidden = prime(model, seeds)                 # all seed words, one forward pass
+    loop:
+        logits = next_logits(model, hidden)      # (B, V), read from the top layer's state
+        ids = sample(logits, params, generators) # each row: its own top-k/top-p/temperature/RNG
+        hidden = advance(model, hidden, ids)     # feed the chosen words back
+
+A generation state is the hidden state alone (the last word is already folded into it), so a
+session that continues later needs nothing else. Every row draws exactly one uniform number per
+step from its own ``torch.Generator``, so a row's words depend only on its seed and parameters,
+never on which other rows share its batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import pack_sequence
+
+from model_store.network import Hidden, WordRNN, top_features
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one row picks its next word.
+
+    ``top_k``: keep the k most likely words (0 = the whole vocabulary); ``temperature``: divide
+    the logits by it (0 = greedy: always the most likely word); ``top_p``: then keep the
+    smallest set of words whose probability reaches ``top_p``; ``uniform``: pick uniformly among
+    the kept words instead of by probability, as the lab's ``np.random.choice`` does.
+    """
+
+    top_k: int = 5
+    temperature: float = 1.0
+    top_p: float = 1.0
+    uniform: bool = False
+
+    def __post_init__(self) -> None:
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0 (0 means the whole vocabulary)")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0 (0 means greedy)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+
+
+def make_generator(seed: int) -> torch.Generator:
+    """A CPU generator: the same seed gives the same words on every device."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed)
+    return gen
+
+
+def prime(model: WordRNN, seeds: Sequence[Sequence[int]], bos_id: int) -> Hidden:
+    """Feed each row's seed ids from a zero state in one forward pass; return the hidden state.
+
+    Rows may differ in length (they are packed); an empty seed stands for the start of a text
+    and feeds ``bos_id`` instead.
+    """
+    device = model.embedding.weight.device
+    rows = [torch.tensor(list(s) or [bos_id], dtype=torch.long, device=device) for s in seeds]
+    with torch.inference_mode():
+        emb = [model.embedding(r) for r in rows]  # each (T_i, E)
+        packed = pack_sequence(emb, enforce_sorted=False)
+        _, hidden = model.rnn(packed)
+    return hidden  # type: ignore[no-any-return]
+
+
+def next_logits(model: WordRNN, hidden: Hidden) -> Tensor:
+    """(B, V) scores of the next word given the state after the last fed word."""
+    with torch.inference_mode():
+        return model.logits(top_features(hidden))
+
+
+def advance(model: WordRNN, hidden: Hidden, ids: Sequence[int] | Tensor) -> Hidden:
+    """Feed one word per row; return the new hidden state."""
+    device = model.embedding.weight.device
+    step = torch.as_tensor(ids, dtype=torch.long, device=device).view(-1, 1)  # (B, 1)
+    with torch.inference_mode():
+        _, hidden = model.rnn(model.embedding(step), hidden)
+    return hidden  # type: ignore[no-any-return]
+
+
+def sample(
+    logits: Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator],
+    banned_ids: Sequence[int] = (),
+) -> list[int]:
+    """Pick one id per row of (B, V) ``logits``, each row with its own params and generator.
+
+    ``banned_ids`` (typically <unk> and <bos>) are never picked. Works on the top-k
+    candidates only (never a softmax or a multinomial over the whole vocabulary), and
+    draws by ``cumsum`` + ``searchsorted``: both far cheaper at large V.
+    """
+    batch, vocab_size = logits.shape
+    if not (len(params) == len(generators) == batch):
+        raise ValueError("one SamplingParams and one generator per row")
+    ks = [min(p.top_k or vocab_size, vocab_size) for p in params]
+    k_max = max(ks)
+    with torch.inference_mode():
+        logits = logits.float()
+        if banned_ids:
+            logits = logits.index_fill(
+                1, torch.tensor(banned_ids, device=logits.device), -torch.inf
+            )
+        vals, idx = logits.topk(k_max, dim=-1)  # (B, K) sorted descending
+        device = vals.device
+        temps = torch.tensor([p.temperature or 1.0 for p in params], device=device)
+        scaled = vals / temps.unsqueeze(1)
+        uniform = torch.tensor([p.uniform for p in params], device=device).unsqueeze(1)
+        scaled = torch.where(uniform, torch.zeros_like(scaled), scaled)
+        rank = torch.arange(k_max, device=device).unsqueeze(0)  # (1, K)
+        keep = rank < torch.tensor(ks, device=device).unsqueeze(1)
+        scaled = scaled.masked_fill(~keep, float("-inf"))
+        probs = torch.softmax(scaled, dim=-1)  # (B, K)
+        top_ps = torch.tensor([p.top_p for p in params], device=device).unsqueeze(1)
+        before = probs.cumsum(-1) - probs  # mass of the better-ranked words
+        probs = probs.masked_fill((before >= top_ps) & (rank > 0), 0.0)
+        cdf = probs.cumsum(-1)  # (B, K)
+        draws = torch.cat([torch.rand(1, generator=g) for g in generators]).to(device)
+        target = (draws * cdf[:, -1]).unsqueeze(1)  # (B, 1)
+        choice = torch.searchsorted(cdf, target, right=True).clamp_(max=k_max - 1)
+        greedy = torch.tensor([p.temperature == 0 for p in params], device=device).unsqueeze(1)
+        choice = torch.where(greedy, torch.zeros_like(choice), choice)
+        return idx.gather(1, choice).squeeze(1).tolist()  # type: ignore[no-any-return]
+
+
+def generate(
+    model: WordRNN,
+    seed_ids: Sequence[int],
+    n_words: int,
+    params: SamplingParams,
+    generator: torch.Generator,
+    bos_id: int,
+    hidden: Hidden | None = None,
+    banned_ids: Sequence[int] = (),
+) -> tuple[list[int], Hidden]:
+    """One row, one word at a time: the lab's ``predict``. Returns the new ids and the state.
+
+    With ``hidden`` given (a session), generation continues from it after feeding ``seed_ids``.
+    """
+    if hidden is None:
+        hidden = prime(model, [seed_ids], bos_id)
+    elif seed_ids:
+        device = model.embedding.weight.device
+        with torch.inference_mode():
+            ids = torch.tensor([list(seed_ids)], dtype=torch.long, device=device)
+            _, hidden = model.rnn(model.embedding(ids), hidden)
+    out: list[int] = []
+    for _ in range(n_words):
+        (word,) = sample(next_logits(model, hidden), [params], [generator], banned_ids)
+        out.append(word)
+        hidden = advance(model, hidden, [word])
+    return out, hidden

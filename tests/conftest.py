@@ -1,0 +1,78 @@
+"""Shared fixtures: a tiny corpus and tiny run folders built in temporary folders in seconds."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from model_store import checkpoint
+from model_store.network import ModelConfig, WordRNN
+from model_store.vocab import TokenizerSpec, Vocab, tokenize
+
+TINY_TEXT = (
+    "I can see the sea.\n"
+    "I can hear the wind, and the wind can hear me.\n"
+    "\n"
+    "The sea is blue; the sky is blue.\n"
+    "You can see me, I can see you!\n"
+) * 4
+
+MakeRun = Callable[..., Path]
+
+
+@pytest.fixture(scope="session")
+def tiny_text() -> str:
+    return TINY_TEXT
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path: Path) -> Path:
+    path = tmp_path / "corpus.txt"
+    path.write_text(TINY_TEXT, encoding="utf-8")
+    return path
+
+
+def build_run(
+    run_dir: Path,
+    *,
+    text: str = TINY_TEXT,
+    tokenizer: str = "words",
+    seed: int = 0,
+    **model_kwargs: object,
+) -> Path:
+    """A run folder with seeded random weights, written by the real ``checkpoint.commit``."""
+    spec = TokenizerSpec(name=tokenizer)  # type: ignore[arg-type]
+    vocab = Vocab.build(tokenize(text, spec), tokenizer=spec)
+    kwargs: dict[str, object] = {"embed_dim": 8, "hidden_dim": 8}
+    kwargs.update(model_kwargs)
+    config = ModelConfig(vocab_size=len(vocab), **kwargs)  # type: ignore[arg-type]
+    torch.manual_seed(seed)
+    model = WordRNN(config)
+    checkpoint.commit(
+        run_dir,
+        config=config,
+        training={"seed": seed},
+        vocab=vocab,
+        weights=checkpoint.weights_state(model),
+        iteration=1,
+        info={"best_valid_perplexity": None},
+    )
+    return run_dir
+
+
+@pytest.fixture
+def make_run(tmp_path: Path) -> MakeRun:
+    counter = iter(range(1_000_000))
+
+    def make(**kwargs: object) -> Path:
+        return build_run(tmp_path / f"run{next(counter)}", **kwargs)  # type: ignore[arg-type]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_run(tmp_path_factory.mktemp("tiny") / "run")
