@@ -47,6 +47,8 @@ VOCAB_FILE = "vocab.json"
 MANIFEST_FILE = "manifest.json"
 _MANAGED_RE = re.compile(r"^(model|resume)-\d+\.safetensors$")
 _TMP_MARK = ".tmp-"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 class CheckpointError(Exception):
@@ -126,6 +128,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=path.name + _TMP_MARK, dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual file mode
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -1,0 +1,203 @@
+"""The training loop: it learns, it is reproducible, it resumes exactly, it stops cleanly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from model_store import checkpoint
+from model_store.vocab import TokenizerSpec
+from training.config import TrainConfig
+from training.corpus import Corpus, Document
+from training.data import build_dataset
+from training.trainer import Summary, Trainer
+
+CYCLE = "the quick brown fox jumps over the lazy dog .\n" * 120
+
+
+def make_trainer(
+    run_dir: Path, text: str = CYCLE, start: bool = True, **overrides: object
+) -> Trainer:
+    settings: dict[str, object] = {
+        "embed_dim": 16,
+        "hidden_dim": 16,
+        "epochs": 2,
+        "batch_size": 4,
+        "seq_size": 8,
+        "sample_every": 0,
+        "log_every": 5,
+    }
+    settings.update(overrides)
+    config = TrainConfig(**settings)  # type: ignore[arg-type]
+    dataset = build_dataset(
+        Corpus((Document("cycle", text),)),
+        TokenizerSpec(config.tokenizer, config.lowercase),  # type: ignore[arg-type]
+        batch_size=config.batch_size,
+        seq_size=config.seq_size,
+        valid_fraction=config.valid_fraction,
+        min_count=config.min_count,
+    )
+    trainer = Trainer(config, dataset, run_dir, torch.device("cpu"))
+    if start:
+        trainer.start_new()
+    return trainer
+
+
+def resume_trainer(run_dir: Path, **overrides: object) -> Trainer:
+    _, training, _, _ = checkpoint.read_header(run_dir)
+    settings = {**training, "seed_words": tuple(training["seed_words"]), **overrides}
+    trainer = make_trainer(run_dir, start=False, **settings)
+    tensors, state = checkpoint.load_resume(run_dir)
+    trainer.restore(tensors, state)
+    return trainer
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    tensors, _ = checkpoint.load_resume(run_dir)
+    return {k: v for k, v in tensors.items() if k.startswith(("model.", "optim."))}
+
+
+def test_learns_a_regular_text_to_perplexity_near_one(tmp_path: Path) -> None:
+    summary = make_trainer(tmp_path / "run", epochs=6, cell="lstm").run()
+    assert summary.best_valid_ppl is not None
+    assert summary.best_valid_ppl < 1.2
+    loaded = checkpoint.load(tmp_path / "run")
+    assert loaded.manifest["best_valid_perplexity"] == pytest.approx(summary.best_valid_ppl)
+
+
+def test_same_seed_gives_identical_weights(tmp_path: Path) -> None:
+    make_trainer(tmp_path / "a", dropout=0.2).run()
+    make_trainer(tmp_path / "b", dropout=0.2).run()
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("cell", ["rnn_tanh", "lstm"])
+def test_resume_after_an_epoch_equals_an_uninterrupted_run(tmp_path: Path, cell: str) -> None:
+    full = make_trainer(
+        tmp_path / "full", epochs=3, cell=cell, dropout=0.3, lr_plateau_factor=0.5
+    ).run()
+    make_trainer(tmp_path / "part", epochs=1, cell=cell, dropout=0.3, lr_plateau_factor=0.5).run()
+    resumed = resume_trainer(tmp_path / "part", epochs=3).run()
+    assert resumed.iterations == full.iterations
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "part")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class StopAt:
+    """A reporter that asks the trainer to stop after ``words`` training words (as Ctrl-C)."""
+
+    def __init__(self, words: int) -> None:
+        self.trainer: Trainer | None = None
+        self.left = words
+
+    def start(self, total_words: int, done_words: int) -> None:
+        pass
+
+    def advance(self, words: int) -> None:
+        self.left -= words
+        if self.left <= 0 and self.trainer is not None:
+            self.trainer.request_stop()
+
+    def status(self, loss: float, epoch: int) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    full = make_trainer(tmp_path / "full", epochs=2, dropout=0.3, cell="gru").run()
+    part = make_trainer(tmp_path / "part", epochs=2, dropout=0.3, cell="gru")
+    stopper = StopAt(words=4 * 8 * 7)  # 7 windows into the first epoch
+    stopper.trainer = part
+    part.reporter = stopper
+    stopped = part.run()
+    assert stopped.stop_reason == "interrupted"
+    assert stopped.iterations == 7
+    resumed = resume_trainer(tmp_path / "part").run()
+    assert resumed.iterations == full.iterations
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "part")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    metrics = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
+    iterations = [json.loads(line).get("iteration", 0) for line in metrics]
+    train = [json.loads(line) for line in metrics if '"train"' in line]
+    assert len({r["iteration"] for r in train}) == len(train)  # no duplicated records
+    assert max(iterations) == full.iterations
+
+
+def test_interrupt_keeps_a_loadable_checkpoint(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path / "run", epochs=50)
+    stopper = StopAt(words=1)
+    stopper.trainer = trainer
+    trainer.reporter = stopper
+    summary = trainer.run()
+    assert summary.stop_reason == "interrupted"
+    assert summary.iterations == 1
+    loaded = checkpoint.load(tmp_path / "run")
+    assert loaded.manifest["stop_reason"] == "interrupted"
+
+
+def test_time_budget_ends_with_a_checkpoint(tmp_path: Path) -> None:
+    summary = make_trainer(tmp_path / "run", epochs=10_000, max_minutes=0.02).run()
+    assert summary.stop_reason == "time budget"
+    assert summary.epochs < 10_000
+    assert checkpoint.load(tmp_path / "run").manifest["iterations"] == summary.iterations
+
+
+def test_early_stopping(tmp_path: Path) -> None:
+    # lr so high that validation stops improving at once
+    summary: Summary = make_trainer(tmp_path / "run", epochs=200, lr=5.0, patience=2).run()
+    assert summary.stop_reason == "early stopping"
+    assert summary.epochs < 200
+
+
+def test_failed_save_keeps_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trainer = make_trainer(tmp_path / "run", epochs=2)
+    original = checkpoint.commit
+    calls = {"n": 0}
+
+    def commit_then_crash(*args: object, **kwargs: object) -> dict[str, object]:
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint: crash before the manifest is replaced
+            monkeypatch.setattr(checkpoint, "atomic_write_bytes", _disk_full)
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(checkpoint, "commit", commit_then_crash)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.run()
+    loaded = checkpoint.load(tmp_path / "run")
+    assert loaded.manifest["iterations"] == trainer._windows_per_epoch()
+
+
+def _disk_full(path: Path, data: bytes) -> None:
+    raise OSError(28, "No space left on device", str(path))
+
+
+def test_preview_goes_through_the_sampler_and_starts_with_the_seed(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path / "run", epochs=4, seed_words=("the", "quick"))
+    trainer.run()
+    text = trainer.preview(words=10)
+    assert text == "the quick brown fox jumps over the lazy dog.\nthe"
+    assert trainer.preview() != ""
+
+
+def test_run_folder_has_metrics_and_plot(tmp_path: Path) -> None:
+    make_trainer(tmp_path / "run", sample_every=10).run()
+    run = tmp_path / "run"
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    events = {r["event"] for r in records}
+    assert events == {"start", "train", "valid", "sample"}
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    manifest = checkpoint.read_manifest(run)
+    for key in ("best_valid_perplexity", "epochs", "versions", "created"):
+        assert key in manifest
