@@ -45,7 +45,11 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 VOCAB_FILE = "vocab.json"
 MANIFEST_FILE = "manifest.json"
-_MANAGED_RE = re.compile(r"^(model|resume)-\d+\.safetensors$")
+# The files a manifest may name (nothing else is ever read, nor any path outside the folder).
+_MANAGED_RE = re.compile(
+    r"^(?:(?:model|resume)-\d+(?:-[0-9a-f]{12})?\.safetensors"
+    r"|(?:config|vocab)(?:-[0-9a-f]{12})?\.json)$"
+)
 _TMP_MARK = ".tmp-"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -232,9 +236,18 @@ def commit(
         }
     files: dict[str, Any] = dict(manifest["files"])
 
-    def put(name: str, data: bytes) -> None:
-        atomic_write_bytes(run_dir / name, data)
-        files[name] = _file_record(data)
+    def put(role: str, name: str, data: bytes) -> None:
+        """Write ``data`` for ``role`` (config, vocab, weights, resume) without ever touching a
+        file the current manifest names: changed contents under a name already in use go to
+        ``<stem>-<sha12><suffix>``, so the old manifest stays loadable until it is replaced."""
+        record = _file_record(data)
+        if name in files and files[name] != record:
+            stem, dot, suffix = name.partition(".")
+            name = f"{stem}-{record['sha256'][:12]}{dot}{suffix}"
+        if files.get(name) != record or not (run_dir / name).is_file():
+            atomic_write_bytes(run_dir / name, data)
+        files[name] = record
+        manifest[role] = name
 
     if config is not None:
         header = {
@@ -242,20 +255,21 @@ def commit(
             "model": config.to_json(),
             "training": dict(training or {}),
         }
-        put(CONFIG_FILE, _json_bytes(header))
+        put("config", CONFIG_FILE, _json_bytes(header))
     if vocab is not None:
-        put(VOCAB_FILE, vocab.dumps().encode("utf-8"))
+        put("vocab", VOCAB_FILE, vocab.dumps().encode("utf-8"))
     if weights is not None:
-        name = f"model-{iteration:08d}.safetensors"
-        put(name, safetensors.torch.save(dict(weights), metadata={"kind": "weights"}))
-        manifest["weights"] = name
+        data = safetensors.torch.save(dict(weights), metadata={"kind": "weights"})
+        put("weights", f"model-{iteration:08d}.safetensors", data)
     if resume is not None:
         tensors, state = resume
-        name = f"resume-{iteration:08d}.safetensors"
         meta = {"kind": "resume", "state": json.dumps(state)}
-        put(name, safetensors.torch.save(dict(tensors), metadata=meta))
-        manifest["resume"] = name
-    live = {CONFIG_FILE, VOCAB_FILE, manifest["weights"], manifest["resume"]}
+        put(
+            "resume",
+            f"resume-{iteration:08d}.safetensors",
+            safetensors.torch.save(dict(tensors), metadata=meta),
+        )
+    live = {manifest.get(role) for role in ("config", "vocab", "weights", "resume")}
     manifest["files"] = {k: v for k, v in files.items() if k in live}
     manifest.update(dict(info or {}))
     manifest["versions"] = library_versions()
@@ -278,6 +292,8 @@ def _remove_stale(run_dir: Path, live: set[str]) -> None:
 
 
 def _read_verified(run_dir: Path, manifest: Mapping[str, Any], name: str) -> bytes:
+    if not isinstance(name, str) or not _MANAGED_RE.match(name):
+        raise CheckpointError(run_dir / MANIFEST_FILE, f"names an unexpected file {name!r}")
     path = run_dir / name
     record = manifest["files"].get(name)
     if not isinstance(record, dict):
@@ -299,8 +315,10 @@ def read_header(run_dir: Path) -> tuple[ModelConfig, dict[str, Any], Vocab, dict
     """Verified config, training hyperparameters, vocabulary and manifest of a run folder."""
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
-    raw = _read_verified(run_dir, manifest, CONFIG_FILE)
-    path = run_dir / CONFIG_FILE
+    config_name = manifest.get("config", CONFIG_FILE)
+    vocab_name = manifest.get("vocab", VOCAB_FILE)
+    raw = _read_verified(run_dir, manifest, config_name)
+    path = run_dir / config_name
     try:
         header = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -314,9 +332,9 @@ def read_header(run_dir: Path) -> tuple[ModelConfig, dict[str, Any], Vocab, dict
         config = ModelConfig.from_json(header.get("model"))
     except ConfigError as exc:
         raise CheckpointError(path, str(exc)) from None
-    vocab_path = run_dir / VOCAB_FILE
+    vocab_path = run_dir / vocab_name
     try:
-        vocab = Vocab.loads(_read_verified(run_dir, manifest, VOCAB_FILE).decode("utf-8"))
+        vocab = Vocab.loads(_read_verified(run_dir, manifest, vocab_name).decode("utf-8"))
     except (VocabError, UnicodeDecodeError) as exc:
         raise CheckpointError(vocab_path, str(exc)) from None
     if len(vocab) != config.vocab_size:

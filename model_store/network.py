@@ -60,6 +60,17 @@ class ModelConfig:
     div_value: float = 4.0
 
     def __post_init__(self) -> None:
+        # Types first: a config read from JSON may hold "8" or 1.5 where torch needs an int.
+        for name in ("vocab_size", "embed_dim", "hidden_dim", "layers"):
+            if type(getattr(self, name)) is not int:
+                raise ConfigError(f"{name} must be an integer (got {getattr(self, name)!r})")
+        if type(self.tie_weights) is not bool:
+            raise ConfigError(f"tie_weights must be true or false (got {self.tie_weights!r})")
+        for name in ("dropout", "div_value"):
+            if type(getattr(self, name)) not in (int, float):
+                raise ConfigError(f"{name} must be a number (got {getattr(self, name)!r})")
+        if self.cutoffs is not None and not all(type(c) is int for c in self.cutoffs):
+            raise ConfigError(f"cutoffs must be integers (got {list(self.cutoffs)!r})")
         problems = []
         if self.vocab_size < 3:
             problems.append("vocab_size must be at least 3")
@@ -68,7 +79,7 @@ class ModelConfig:
         if self.softmax not in SOFTMAXES:
             problems.append(f"softmax must be one of {', '.join(SOFTMAXES)}")
         for name in ("embed_dim", "hidden_dim", "layers"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
         if not 0.0 <= self.dropout < 1.0:
             problems.append("dropout must be in [0, 1)")

@@ -18,6 +18,7 @@ never on which other rows share its batch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,8 +47,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.top_k < 0:
             raise ValueError("top_k must be >= 0 (0 means the whole vocabulary)")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0 (0 means greedy)")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError("temperature must be a finite number >= 0 (0 means greedy)")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError("top_p must be in (0, 1]")
 
@@ -117,7 +118,7 @@ def sample(
         temps = torch.tensor([p.temperature or 1.0 for p in params], device=device)
         scaled = vals / temps.unsqueeze(1)
         uniform = torch.tensor([p.uniform for p in params], device=device).unsqueeze(1)
-        scaled = torch.where(uniform, torch.zeros_like(scaled), scaled)
+        scaled = torch.where(uniform & vals.isfinite(), torch.zeros_like(scaled), scaled)
         rank = torch.arange(k_max, device=device).unsqueeze(0)  # (1, K)
         keep = rank < torch.tensor(ks, device=device).unsqueeze(1)
         scaled = scaled.masked_fill(~keep, float("-inf"))

@@ -35,7 +35,7 @@ TOKENIZERS: tuple[str, ...] = ("whitespace", "words")
 # A word: letters/digits, optionally joined by apostrophes or hyphens; else one symbol.
 _WORD_RE = re.compile(r"\n|[^\W_]+(?:['’\-][^\W_]+)*|[^\s]", re.UNICODE)
 # More than one blank line carries no more shape than one.
-_MANY_NEWLINES_RE = re.compile(r"\n(?:[ \t\f\v]*\n)+")
+_MANY_NEWLINES_RE = re.compile(r"\n(?:[^\S\n]*\n)+")
 
 _NO_SPACE_BEFORE = frozenset(".,;:!?)]}%…’”»")
 _NO_SPACE_AFTER = frozenset("([{¿¡‘“«$#")
@@ -143,16 +143,16 @@ class Vocab:
         if max_vocab is not None and max_vocab <= len(SPECIAL_TOKENS):
             raise VocabError(f"max_vocab must be larger than {len(SPECIAL_TOKENS)}")
         counter = Counter(tokens)
-        for special in SPECIAL_TOKENS:
-            counter.pop(special, None)
+        literal_unk = counter.pop(UNK, 0)  # a corpus may be pre-processed with <unk> already
+        bos_count = counter.pop(BOS, 0)
         ranked = sorted(counter, key=counter.__getitem__, reverse=True)
         keep = [tok for tok in ranked if counter[tok] >= min_count]
         if max_vocab is not None:
             keep = keep[: max_vocab - len(SPECIAL_TOKENS)]
-        unk_count = sum(counter.values()) - sum(counter[tok] for tok in keep)
+        unk_count = literal_unk + sum(counter.values()) - sum(counter[tok] for tok in keep)
         return cls(
             tokens=[*SPECIAL_TOKENS, *keep],
-            counts=[unk_count, 0, *(counter[tok] for tok in keep)],
+            counts=[unk_count, bos_count, *(counter[tok] for tok in keep)],
             tokenizer=tokenizer or TokenizerSpec(),
             min_count=min_count,
             max_vocab=max_vocab,

@@ -22,6 +22,10 @@ TINY_TEXT = (
 
 MakeRun = Callable[..., Path]
 
+# Tiny models gain nothing from a second thread, and several test processes (servers, CLIs)
+# share two cores: one thread each keeps the suite fast and its timing steady.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny_text() -> str:

@@ -1,0 +1,245 @@
+"""The network: every cell and softmax, the lab's default structure, and ModelConfig."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from model_store.network import (
+    CELLS,
+    ConfigError,
+    Hidden,
+    ModelConfig,
+    WordRNN,
+    adaptive_cutoffs,
+    detach_hidden,
+    hidden_cat,
+    hidden_select,
+    top_features,
+)
+
+VOCAB = 12
+DIM = 16
+
+
+def make_model(seed: int = 0, **kwargs: Any) -> WordRNN:
+    config: dict[str, Any] = {"vocab_size": VOCAB, "embed_dim": DIM, "hidden_dim": DIM}
+    config.update(kwargs)
+    torch.manual_seed(seed)
+    return WordRNN(ModelConfig(**config))
+
+
+def hidden_shapes(hidden: Hidden) -> list[tuple[int, ...]]:
+    parts = hidden if isinstance(hidden, tuple) else (hidden,)
+    return [tuple(h.shape) for h in parts]
+
+
+ALL_VARIANTS = pytest.mark.parametrize(
+    ("cell", "softmax", "layers"),
+    [(c, s, n) for c in CELLS for s in ("full", "adaptive") for n in (1, 2)],
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every cell x softmax x depth
+
+
+@ALL_VARIANTS
+def test_forward_shapes(cell: str, softmax: str, layers: int) -> None:
+    model = make_model(cell=cell, softmax=softmax, layers=layers)
+    ids = torch.randint(VOCAB, (3, 5))
+    logits, hidden = model(ids)
+    expected = [(layers, 3, DIM)] * (2 if cell == "lstm" else 1)
+    assert (tuple(logits.shape), hidden_shapes(hidden)) == ((3, 5, VOCAB), expected)
+
+
+@ALL_VARIANTS
+def test_loss_decreases_on_a_repetitive_sequence(cell: str, softmax: str, layers: int) -> None:
+    model = make_model(cell=cell, softmax=softmax, layers=layers)
+    ids = torch.tensor([list(range(2, VOCAB)) * 4])  # (1, 40)
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    losses = []
+    for _ in range(20):
+        optimizer.zero_grad()
+        features, _ = model.features(inputs)
+        loss = model.loss(features, targets)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("layers", [1, 2])
+def test_top_features_equal_the_last_output(cell: str, layers: int) -> None:
+    # The generator reads the next word's features from the hidden state alone.
+    model = make_model(cell=cell, layers=layers, dropout=0.3).eval()
+    features, hidden = model.features(torch.randint(VOCAB, (4, 7)))
+    torch.testing.assert_close(top_features(hidden), features[:, -1], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("softmax", ["full", "adaptive"])
+def test_log_probs_are_normalised(softmax: str) -> None:
+    model = make_model(softmax=softmax)
+    probs = model.log_probs(torch.randn(3, 4, DIM)).exp()  # (3, 4, V)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(3, 4))
+
+
+@pytest.mark.parametrize("softmax", ["full", "adaptive"])
+def test_loss_is_the_mean_negative_log_probability(softmax: str) -> None:
+    model = make_model(softmax=softmax)
+    features, targets = torch.randn(2, 5, DIM), torch.randint(VOCAB, (2, 5))
+    picked = model.log_probs(features).gather(-1, targets.unsqueeze(-1))
+    torch.testing.assert_close(model.loss(features, targets), -picked.mean())
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_init_hidden_is_zeros_on_the_model_dtype(cell: str) -> None:
+    model = make_model(cell=cell, layers=2).double()
+    hidden = model.init_hidden(3)
+    parts = hidden if isinstance(hidden, tuple) else (hidden,)
+    assert len(parts) == (2 if cell == "lstm" else 1)
+    assert all(p.dtype == torch.float64 and p.shape == (2, 3, DIM) for p in parts)
+    assert all(not p.any() for p in parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# The lab's structure and weight tying
+
+
+def test_default_config_is_the_lab_network() -> None:
+    model = WordRNN(ModelConfig(vocab_size=100))
+    rnn = model.rnn
+    assert type(model.embedding) is nn.Embedding
+    assert (model.embedding.num_embeddings, model.embedding.embedding_dim) == (100, 64)
+    assert type(rnn) is nn.RNN
+    assert (rnn.mode, rnn.input_size, rnn.hidden_size, rnn.num_layers) == ("RNN_TANH", 64, 64, 1)
+    assert (rnn.batch_first, rnn.bias, rnn.bidirectional) == (True, True, False)
+    assert type(model.decoder) is nn.Linear
+    assert (model.decoder.in_features, model.decoder.out_features) == (64, 100)
+    assert model.adaptive is None
+
+
+def test_default_config_has_exactly_the_lab_parameters() -> None:
+    model = WordRNN(ModelConfig(vocab_size=100))
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    assert shapes == {
+        "embedding.weight": (100, 64),
+        "rnn.weight_ih_l0": (64, 64),
+        "rnn.weight_hh_l0": (64, 64),
+        "rnn.bias_ih_l0": (64,),
+        "rnn.bias_hh_l0": (64,),
+        "decoder.weight": (100, 64),
+        "decoder.bias": (100,),
+    }
+
+
+def test_tie_weights_shares_the_embedding_tensor() -> None:
+    model = make_model(tie_weights=True)
+    assert model.decoder is not None
+    assert model.decoder.weight is model.embedding.weight
+
+
+# ---------------------------------------------------------------------------------------------
+# ModelConfig
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"embed_dim": 8, "hidden_dim": 16, "tie_weights": True}, "tie_weights needs embed_dim"),
+        ({"cell": "transformer"}, "cell must be one of rnn_tanh, rnn_relu, lstm, gru"),
+        ({"softmax": "adaptive", "tie_weights": True}, "full softmax only"),
+        ({"softmax": "adaptive", "cutoffs": (6, 3)}, "cutoffs must increase strictly"),
+        ({"softmax": "adaptive", "cutoffs": (3, 3)}, "cutoffs must increase strictly"),
+        ({"softmax": "adaptive", "cutoffs": (0, 4)}, "cutoffs must increase strictly"),
+        ({"softmax": "adaptive", "cutoffs": (4, VOCAB)}, "cutoffs must increase strictly"),
+        ({"softmax": "hierarchical"}, "softmax must be one of"),
+        ({"vocab_size": 2}, "vocab_size must be at least 3"),
+        ({"layers": 0}, "layers must be at least 1"),
+        ({"dropout": 1.0}, "dropout must be in [0, 1)"),
+    ],
+)
+def test_config_error_says_what_is_wrong(kwargs: dict[str, Any], message: str) -> None:
+    values: dict[str, Any] = {"vocab_size": VOCAB, "embed_dim": DIM, "hidden_dim": DIM}
+    values.update(kwargs)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        ModelConfig(**values)
+
+
+def test_adaptive_cutoffs_follow_the_vocabulary_size() -> None:
+    assert (adaptive_cutoffs(100), adaptive_cutoffs(20_000), adaptive_cutoffs(60_000)) == (
+        (25,),
+        (2_000, 10_000),
+        (2_000, 10_000, 40_000),
+    )
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        ModelConfig(vocab_size=50),
+        ModelConfig(vocab_size=50, cell="lstm", layers=2, dropout=0.25, tie_weights=True),
+        ModelConfig(vocab_size=50, cell="gru", softmax="adaptive", cutoffs=(10, 30), div_value=2),
+    ],
+)
+def test_config_json_round_trip(config: ModelConfig) -> None:
+    assert ModelConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
+
+
+def test_config_json_writes_resolved_adaptive_cutoffs() -> None:
+    config = ModelConfig(vocab_size=50, softmax="adaptive")
+    assert ModelConfig.from_json(config.to_json()).cutoffs == config.resolved_cutoffs() == (12,)
+
+
+def test_config_from_json_rejects_unknown_keys() -> None:
+    data = {**ModelConfig(vocab_size=50).to_json(), "hiden_dim": 32}
+    with pytest.raises(ConfigError, match="unknown model config keys: hiden_dim"):
+        ModelConfig.from_json(data)
+
+
+@pytest.mark.parametrize("data", [None, [], {"cell": "gru"}, {"vocab_size": "fifty"}])
+def test_config_from_json_rejects_unusable_data(data: Any) -> None:
+    with pytest.raises(ConfigError):
+        ModelConfig.from_json(data)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("embed_dim", "8"), ("layers", 1.5), ("tie_weights", "false")]
+)
+def test_config_from_json_rejects_wrongly_typed_values(key: str, value: Any) -> None:
+    # A config.json edited by hand must fail as a ConfigError, not build a strange network
+    # or crash later with a TypeError inside torch.
+    data = {**ModelConfig(vocab_size=50, embed_dim=8, hidden_dim=8).to_json(), key: value}
+    with pytest.raises(ConfigError):
+        ModelConfig.from_json(data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hidden-state helpers
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_hidden_select_and_cat_rebuild_the_batch(cell: str) -> None:
+    model = make_model(cell=cell, layers=2)
+    _, hidden = model.features(torch.randint(VOCAB, (3, 4)))
+    rebuilt = hidden_cat([hidden_select(hidden, [i]) for i in (0, 1, 2)])
+    parts = zip(*(h if isinstance(h, tuple) else (h,) for h in (hidden, rebuilt)), strict=True)
+    assert all(torch.equal(a, b) for a, b in parts)
+
+
+def test_detach_hidden_keeps_values_and_cuts_the_graph() -> None:
+    model = make_model(cell="lstm")
+    _, hidden = model.features(torch.randint(VOCAB, (2, 3)))
+    detached = detach_hidden(hidden)
+    assert isinstance(hidden, tuple)
+    assert isinstance(detached, tuple)
+    assert all(d.grad_fn is None for d in detached)
+    assert all(torch.equal(d, h) for d, h in zip(detached, hidden, strict=True))

@@ -1,0 +1,292 @@
+"""Priming, per-row sampling and session continuation: the generator behind previews and serving."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from model_store.network import CELLS, Hidden, ModelConfig, WordRNN, hidden_select
+from model_store.sampling import (
+    SamplingParams,
+    advance,
+    generate,
+    make_generator,
+    next_logits,
+    prime,
+    sample,
+)
+
+VOCAB = 30
+BOS = 1
+BANNED = (0, 1)
+FAST = settings(max_examples=50, deadline=None)
+GREEDY = SamplingParams(temperature=0)
+
+
+def make_model(seed: int = 0, **kwargs: Any) -> WordRNN:
+    values: dict[str, Any] = {"vocab_size": VOCAB, "embed_dim": 8, "hidden_dim": 8}
+    values.update(kwargs)
+    torch.manual_seed(seed)
+    return WordRNN(ModelConfig(**values)).eval()
+
+
+def random_logits(seed: int, rows: int = 1) -> torch.Tensor:
+    return torch.randn(rows, VOCAB, generator=make_generator(seed)) * 3  # (B, V)
+
+
+def parts(hidden: Hidden) -> tuple[torch.Tensor, ...]:
+    return hidden if isinstance(hidden, tuple) else (hidden,)
+
+
+def assert_same_hidden(a: Hidden, b: Hidden) -> None:
+    for x, y in zip(parts(a), parts(b), strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+
+
+def draws(logits: torch.Tensor, params: SamplingParams, seeds: range) -> list[int]:
+    """One draw per seed, all rows of one batch: many fixed-seed draws in a single call."""
+    batch = logits.expand(len(seeds), -1)
+    return sample(batch, [params] * len(seeds), [make_generator(s) for s in seeds], BANNED)
+
+
+CELL_AND_LAYERS = pytest.mark.parametrize(
+    ("cell", "layers"), [(c, n) for c in CELLS for n in (1, 2)]
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Priming
+
+
+@CELL_AND_LAYERS
+def test_prime_of_rows_of_different_lengths_equals_each_row_alone(cell: str, layers: int) -> None:
+    model = make_model(cell=cell, layers=layers)
+    seeds = [[2, 3, 4, 5, 6], [7], [8, 9, 10], []]
+    batched = prime(model, seeds, BOS)
+    for row, seed in enumerate(seeds):
+        assert_same_hidden(hidden_select(batched, [row]), prime(model, [seed], BOS))
+
+
+@CELL_AND_LAYERS
+def test_prime_equals_feeding_the_words_one_by_one(cell: str, layers: int) -> None:
+    model = make_model(cell=cell, layers=layers)
+    hidden = model.init_hidden(1)
+    for word in [5, 9, 2, 14]:
+        hidden = advance(model, hidden, [word])
+    assert_same_hidden(prime(model, [[5, 9, 2, 14]], BOS), hidden)
+
+
+def test_an_empty_seed_feeds_bos() -> None:
+    model = make_model(cell="gru")
+    assert_same_hidden(prime(model, [[]], BOS), prime(model, [[BOS]], BOS))
+
+
+@pytest.mark.parametrize("softmax", ["full", "adaptive"])
+def test_next_logits_equal_the_forward_pass(softmax: str) -> None:
+    model = make_model(cell="lstm", layers=2, softmax=softmax)
+    ids = torch.tensor([[4, 8, 15, 16, 23]])
+    with torch.no_grad():
+        logits, _ = model(ids)
+    expected = logits[:, -1]
+    torch.testing.assert_close(next_logits(model, prime(model, ids.tolist(), BOS)), expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling one word per row
+
+
+@FAST
+@given(
+    st.integers(0, 2**31),
+    st.lists(st.integers(1, 8), min_size=3, max_size=3),
+    st.lists(st.floats(0.05, 5.0), min_size=3, max_size=3),
+    st.lists(st.booleans(), min_size=3, max_size=3),
+)
+def test_sampled_ids_lie_in_the_rows_top_k(
+    seed: int, ks: list[int], temperatures: list[float], uniform: list[bool]
+) -> None:
+    logits = random_logits(seed, rows=3)
+    params = [
+        SamplingParams(top_k=k, temperature=t, uniform=u)
+        for k, t, u in zip(ks, temperatures, uniform, strict=True)
+    ]
+    ids = sample(logits, params, [make_generator(seed + i) for i in range(3)])
+    for row, (word, k) in enumerate(zip(ids, ks, strict=True)):
+        assert word in torch.topk(logits[row], k).indices.tolist()
+
+
+def test_top_k_one_equals_greedy_equals_argmax() -> None:
+    logits = random_logits(0, rows=64)
+    gens = [make_generator(i) for i in range(64)]
+    top_one = sample(logits, [SamplingParams(top_k=1)] * 64, gens)
+    greedy = sample(logits, [SamplingParams(temperature=0, top_k=7)] * 64, gens)
+    assert top_one == greedy == logits.argmax(-1).tolist()
+
+
+def test_the_same_generator_seed_gives_the_same_ids() -> None:
+    logits, params = random_logits(1), [SamplingParams(top_k=10)]
+    runs = []
+    for seed in (5, 5, 6):
+        gen = make_generator(seed)
+        runs.append([sample(logits, params, [gen])[0] for _ in range(30)])
+    assert runs[0] == runs[1] != runs[2]
+
+
+MIXED = [
+    SamplingParams(top_k=3),
+    SamplingParams(top_k=0, temperature=0.7),
+    SamplingParams(top_k=12, uniform=True),
+    SamplingParams(top_k=6, top_p=0.6),
+    SamplingParams(temperature=0),
+]
+
+
+@FAST
+@given(st.integers(0, 2**31), st.integers(0, len(MIXED) - 1))
+def test_a_rows_word_does_not_depend_on_the_other_rows(seed: int, row: int) -> None:
+    batch_gens = [make_generator(seed + i) for i in range(len(MIXED))]
+    alone_gen = make_generator(seed + row)
+    for step in range(5):
+        logits = random_logits(seed + step, rows=len(MIXED))
+        batched = sample(logits, MIXED, batch_gens, BANNED)
+        alone = sample(logits[row : row + 1], [MIXED[row]], [alone_gen], BANNED)
+        assert batched[row] == alone[0]
+
+
+def test_a_small_top_p_keeps_only_the_top_word() -> None:
+    logits = random_logits(2)
+    picked = draws(logits, SamplingParams(top_k=0, top_p=1e-6), range(200))
+    assert set(picked) == {int(logits.argmax())}
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(),
+        SamplingParams(top_k=0),
+        SamplingParams(top_k=0, temperature=5.0),
+        SamplingParams(temperature=0),
+        SamplingParams(top_k=5, uniform=True),
+        SamplingParams(top_k=0, uniform=True),
+    ],
+    ids=["default", "whole-vocab", "hot", "greedy", "uniform-k5", "uniform-whole-vocab"],
+)
+def test_banned_ids_are_never_chosen(params: SamplingParams) -> None:
+    logits = random_logits(3)
+    logits[0, list(BANNED)] = 50.0  # the model's favourite words are the banned ones
+    assert not set(draws(logits, params, range(300))) & set(BANNED)
+
+
+def test_uniform_picks_each_of_the_top_k_equally_often() -> None:
+    logits = torch.tensor([[9.0, 6.0, 4.0, 3.0, 2.0, 1.0, 0.0, -1.0]])
+    picked = Counter(
+        sample(
+            logits.expand(4000, -1),
+            [SamplingParams(top_k=4, uniform=True)] * 4000,
+            [make_generator(s) for s in range(4000)],
+        )
+    )
+    assert set(picked) == {0, 1, 2, 3}
+    chi_square = sum((n - 1000) ** 2 / 1000 for n in picked.values())
+    assert chi_square < 16.3  # df 3, p = 0.001
+
+
+def test_sampling_follows_the_probabilities() -> None:
+    logits = torch.tensor([[0.5, 0.3, 0.2]]).log()
+    picked = Counter(
+        sample(
+            logits.expand(4000, -1),
+            [SamplingParams(top_k=0)] * 4000,
+            [make_generator(s) for s in range(4000)],
+        )
+    )
+    shares = [picked[i] / 4000 for i in range(3)]
+    assert shares == pytest.approx([0.5, 0.3, 0.2], abs=0.03)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generating
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_greedy_generation_continues_a_session(cell: str) -> None:
+    model = make_model(cell=cell, layers=2)
+    gen = make_generator(0)
+    whole, _ = generate(model, [2, 3, 4], 20, GREEDY, gen, BOS, banned_ids=BANNED)
+    first, hidden = generate(model, [2, 3, 4], 10, GREEDY, gen, BOS, banned_ids=BANNED)
+    rest, _ = generate(model, [], 10, GREEDY, gen, BOS, hidden=hidden, banned_ids=BANNED)
+    assert first + rest == whole
+
+
+def test_sampled_generation_continues_a_session_with_its_generator() -> None:
+    model, params = make_model(cell="lstm"), SamplingParams(top_k=8)
+    whole, _ = generate(model, [5], 20, params, make_generator(4), BOS)
+    gen = make_generator(4)
+    first, hidden = generate(model, [5], 10, params, gen, BOS)
+    rest, _ = generate(model, [], 10, params, gen, BOS, hidden=hidden)
+    assert first + rest == whole
+
+
+def test_new_seed_words_in_a_session_equal_generating_from_the_whole_history() -> None:
+    model = make_model(cell="gru", layers=2)
+    gen = make_generator(0)
+    first, hidden = generate(model, [2, 3], 6, GREEDY, gen, BOS, banned_ids=BANNED)
+    more, _ = generate(model, [7, 8], 6, GREEDY, gen, BOS, hidden=hidden, banned_ids=BANNED)
+    history = [2, 3, *first, 7, 8]
+    assert more == generate(model, history, 6, GREEDY, gen, BOS, banned_ids=BANNED)[0]
+
+
+def test_batched_generation_equals_one_row_at_a_time() -> None:
+    model = make_model(cell="lstm", layers=2)
+    seeds = [[2, 3, 4], [5], [], [6, 7]]
+    params = [SamplingParams(top_k=5), GREEDY, SamplingParams(top_k=0, top_p=0.8), MIXED[2]]
+    gens = [make_generator(10 + i) for i in range(4)]
+    hidden = prime(model, seeds, BOS)
+    batched: list[list[int]] = [[] for _ in seeds]
+    for _ in range(12):
+        ids = sample(next_logits(model, hidden), params, gens, BANNED)
+        for row, word in enumerate(ids):
+            batched[row].append(word)
+        hidden = advance(model, hidden, ids)
+    alone = [
+        generate(model, s, 12, p, make_generator(10 + i), BOS, banned_ids=BANNED)[0]
+        for i, (s, p) in enumerate(zip(seeds, params, strict=True))
+    ]
+    assert batched == alone
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"top_k": -1},
+        {"temperature": -0.5},
+        {"top_p": 0.0},
+        {"top_p": 1.01},
+        {"top_p": float("nan")},
+    ],
+)
+def test_params_reject_values_out_of_range(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        SamplingParams(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf")])
+def test_params_reject_a_non_finite_temperature(temperature: float) -> None:
+    # nan (or inf, once a banned id is among the kept words) turns the scaled logits into nan,
+    # and sample() then returns a banned id.
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=temperature)
+
+
+def test_sample_needs_one_params_and_one_generator_per_row() -> None:
+    with pytest.raises(ValueError, match="one SamplingParams and one generator per row"):
+        sample(random_logits(0, rows=2), [SamplingParams()], [make_generator(0)])
