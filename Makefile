@@ -9,7 +9,7 @@ TORCH_PIP_ARGS ?=
 RUN_DIR ?= runs/default
 CORPUS ?= builtin:shakespeare
 PRESET ?= lstm
-TRAIN_MINUTES ?= 10
+TRAIN_MINUTES ?= 5
 BIN := $(VENV)/bin
 
 .PHONY: serve train test lint bench clean-venv
@@ -36,7 +36,11 @@ $(RUN_DIR)/manifest.json: | $(VENV)/.serve
 
 train: $(RUN_DIR)/manifest.json
 
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
 serve: train
+	$(BIN)/python -m app --model-dir $(RUN_DIR) --host $(HOST) --port $(PORT)
 
 lint: $(VENV)/.test
 	$(BIN)/ruff check .

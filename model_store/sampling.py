@@ -60,19 +60,22 @@ def make_generator(seed: int) -> torch.Generator:
     return gen
 
 
-def prime(model: WordRNN, seeds: Sequence[Sequence[int]], bos_id: int) -> Hidden:
-    """Feed each row's seed ids from a zero state in one forward pass; return the hidden state.
-
-    Rows may differ in length (they are packed); an empty seed stands for the start of a text
-    and feeds ``bos_id`` instead.
-    """
+def feed(model: WordRNN, seqs: Sequence[Sequence[int]], hidden: Hidden | None = None) -> Hidden:
+    """Feed each row's ids (at least one each) on top of ``hidden`` (zeros when None) in one
+    forward pass; rows may differ in length (they are packed). Returns the new hidden state."""
     device = model.embedding.weight.device
-    rows = [torch.tensor(list(s) or [bos_id], dtype=torch.long, device=device) for s in seeds]
+    rows = [torch.tensor(list(s), dtype=torch.long, device=device) for s in seqs]
     with torch.inference_mode():
         emb = [model.embedding(r) for r in rows]  # each (T_i, E)
         packed = pack_sequence(emb, enforce_sorted=False)
-        _, hidden = model.rnn(packed)
+        _, hidden = model.rnn(packed, hidden)
     return hidden  # type: ignore[no-any-return]
+
+
+def prime(model: WordRNN, seeds: Sequence[Sequence[int]], bos_id: int) -> Hidden:
+    """The state of a new text after each row's seed ids: ``<bos>`` and the seed, fed from a
+    zero state in one forward pass, as every document began in training."""
+    return feed(model, [[bos_id, *seed] for seed in seeds])
 
 
 def next_logits(model: WordRNN, hidden: Hidden) -> Tensor:
@@ -116,7 +119,9 @@ def sample(
         vals, idx = logits.topk(k_max, dim=-1)  # (B, K) sorted descending
         device = vals.device
         temps = torch.tensor([p.temperature or 1.0 for p in params], device=device)
-        scaled = vals / temps.unsqueeze(1)
+        # Shift so the best score is 0 before dividing: a tiny temperature then sends the
+        # others to -inf instead of overflowing every score to inf.
+        scaled = (vals - vals[:, :1]) / temps.unsqueeze(1)
         uniform = torch.tensor([p.uniform for p in params], device=device).unsqueeze(1)
         scaled = torch.where(uniform & vals.isfinite(), torch.zeros_like(scaled), scaled)
         rank = torch.arange(k_max, device=device).unsqueeze(0)  # (1, K)
@@ -152,10 +157,7 @@ def generate(
     if hidden is None:
         hidden = prime(model, [seed_ids], bos_id)
     elif seed_ids:
-        device = model.embedding.weight.device
-        with torch.inference_mode():
-            ids = torch.tensor([list(seed_ids)], dtype=torch.long, device=device)
-            _, hidden = model.rnn(model.embedding(ids), hidden)
+        hidden = feed(model, [seed_ids], hidden)
     out: list[int] = []
     for _ in range(n_words):
         (word,) = sample(next_logits(model, hidden), [params], [generator], banned_ids)

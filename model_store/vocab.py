@@ -74,35 +74,44 @@ def tokenize(text: str, spec: TokenizerSpec | None = None) -> list[str]:
     return [NEWLINE if tok == "\n" else tok for tok in _WORD_RE.findall(text)]
 
 
+class Detokenizer:
+    """Text of a token stream built one token at a time: ``push`` returns the characters the
+    token adds (``" sea"``, ``"."``, ``"\\n"``), so streaming costs the same per word however
+    long the text. ``detokenize`` is this applied to a whole list."""
+
+    def __init__(self, spec: TokenizerSpec | None = None) -> None:
+        self._whitespace = (spec or TokenizerSpec()).name == "whitespace"
+        self._open_quotes: set[str] = set()
+        self._glue_next = True  # at the start of the text and of each line
+
+    def push(self, tok: str) -> str:
+        if self._whitespace:
+            piece = tok if self._glue_next else " " + tok
+            self._glue_next = False
+            return piece
+        if tok == NEWLINE:
+            self._glue_next = True
+            return "\n"
+        if tok in _QUOTES:
+            closing = tok in self._open_quotes
+            self._open_quotes.symmetric_difference_update({tok})
+            if closing:
+                self._glue_next = False
+                return tok
+            piece = tok if self._glue_next else " " + tok
+            self._glue_next = True
+            return piece
+        piece = tok if self._glue_next or tok[0] in _NO_SPACE_BEFORE else " " + tok
+        self._glue_next = tok in _NO_SPACE_AFTER
+        return piece
+
+    def feed(self, tokens: Iterable[str]) -> str:
+        return "".join(self.push(tok) for tok in tokens)
+
+
 def detokenize(tokens: Sequence[str], spec: TokenizerSpec | None = None) -> str:
     """Join tokens into natural text: no space before punctuation, ``<nl>`` as a line break."""
-    spec = spec or TokenizerSpec()
-    if spec.name == "whitespace":
-        return " ".join(tokens)
-    out: list[str] = []
-    open_quotes: set[str] = set()
-    glue_next = True  # at the start of the text and of each line
-    for tok in tokens:
-        if tok == NEWLINE:
-            out.append("\n")
-            glue_next = True
-            continue
-        if tok in _QUOTES:
-            closing = tok in open_quotes
-            open_quotes.symmetric_difference_update({tok})
-            if closing:
-                out.append(tok)
-                glue_next = False
-            else:
-                out.append(tok if glue_next else " " + tok)
-                glue_next = True
-            continue
-        if glue_next or tok[0] in _NO_SPACE_BEFORE:
-            out.append(tok)
-        else:
-            out.append(" " + tok)
-        glue_next = tok in _NO_SPACE_AFTER
-    return "".join(out)
+    return Detokenizer(spec).feed(tokens)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from model_store.network import CELLS, Hidden, ModelConfig, WordRNN, hidden_sele
 from model_store.sampling import (
     SamplingParams,
     advance,
+    feed,
     generate,
     make_generator,
     next_logits,
@@ -76,24 +77,32 @@ def test_prime_of_rows_of_different_lengths_equals_each_row_alone(cell: str, lay
 def test_prime_equals_feeding_the_words_one_by_one(cell: str, layers: int) -> None:
     model = make_model(cell=cell, layers=layers)
     hidden = model.init_hidden(1)
-    for word in [5, 9, 2, 14]:
+    for word in [BOS, 5, 9, 2, 14]:  # a new text opens with <bos>, as in training
         hidden = advance(model, hidden, [word])
     assert_same_hidden(prime(model, [[5, 9, 2, 14]], BOS), hidden)
 
 
-def test_an_empty_seed_feeds_bos() -> None:
+def test_an_empty_seed_is_the_start_of_a_text() -> None:
     model = make_model(cell="gru")
-    assert_same_hidden(prime(model, [[]], BOS), prime(model, [[BOS]], BOS))
+    assert_same_hidden(prime(model, [[]], BOS), feed(model, [[BOS]]))
+
+
+def test_feed_continues_a_state() -> None:
+    model = make_model(cell="lstm", layers=2)
+    assert_same_hidden(
+        feed(model, [[6, 7]], prime(model, [[4, 5]], BOS)), prime(model, [[4, 5, 6, 7]], BOS)
+    )
 
 
 @pytest.mark.parametrize("softmax", ["full", "adaptive"])
 def test_next_logits_equal_the_forward_pass(softmax: str) -> None:
     model = make_model(cell="lstm", layers=2, softmax=softmax)
-    ids = torch.tensor([[4, 8, 15, 16, 23]])
+    ids = torch.tensor([[BOS, 4, 8, 15, 16, 23]])
     with torch.no_grad():
         logits, _ = model(ids)
     expected = logits[:, -1]
-    torch.testing.assert_close(next_logits(model, prime(model, ids.tolist(), BOS)), expected)
+    seeds = ids[:, 1:].tolist()
+    torch.testing.assert_close(next_logits(model, prime(model, seeds, BOS)), expected)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,16 @@
+"""The HTTP routes, one module per resource; `api_router` gathers them.
+
+Handlers stay thin: they take a validated body, call `TextService`, and return its model.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from app.deps import require_api_key
+from app.routes import generate, sessions, status, suggest
+
+api_router = APIRouter()
+api_router.include_router(status.router)
+for protected in (generate.router, sessions.router, suggest.router, status.info_router):
+    api_router.include_router(protected, dependencies=[Depends(require_api_key)])

@@ -1,0 +1,276 @@
+"""Request and response bodies of the API.
+
+Requests are strict (``"stream": 0`` is not a boolean, ``"5"`` is not a number) and reject
+unknown fields. Bounds that do not depend on the deployment are declared here; limits that do
+(``max_words``, ``n``, seed length from the settings, ``top_k`` up to the vocabulary size) are
+checked against the loaded model in ``app/serving.py`` and listed by ``GET /info``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator
+
+from app.text import FinishReason
+
+MAX_RANDOM_SEED = 2**53 - 1  # exact in JavaScript numbers too
+MAX_WORD_CHARS = 100
+MAX_STOPS = 8
+MAX_STOP_CHARS = 100
+SESSION_ID_MAX_CHARS = 64
+
+OnUnknown = Literal["replace", "error"]
+
+
+def _words_or_text(value: object) -> list[str] | str:
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise ValueError("expected a list of words or a string")
+    for i, word in enumerate(value):
+        if not isinstance(word, str):
+            raise ValueError(f"item {i} is not a string")
+        if not word or len(word) > MAX_WORD_CHARS:
+            raise ValueError(f"item {i} must have 1 to {MAX_WORD_CHARS} characters")
+        if any(ch.isspace() for ch in word):
+            raise ValueError(
+                f"item {i} ({word!r}) holds whitespace; send one word per item, or a string "
+                "to have it split"
+            )
+    return value
+
+
+def _stop_strings(value: object) -> list[str]:
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise ValueError("expected a string or a list of strings")
+    if len(stops) > MAX_STOPS:
+        raise ValueError(f"at most {MAX_STOPS} stop strings")
+    if not all(1 <= len(s) <= MAX_STOP_CHARS for s in stops):
+        raise ValueError(f"each stop string must have 1 to {MAX_STOP_CHARS} characters")
+    return stops
+
+
+WordsOrText = Annotated[
+    list[str] | str,
+    PlainValidator(_words_or_text, json_schema_input_type=list[str] | str),
+]
+StopStrings = Annotated[
+    list[str], PlainValidator(_stop_strings, json_schema_input_type=list[str] | str)
+]
+
+_SEED_WORDS = Field(
+    None,
+    description=(
+        "A list of words (used as given), or a string that the model's own tokenizer splits. "
+        "Without it generation starts from the start-of-text state."
+    ),
+)
+_ON_UNKNOWN = Field(
+    "replace",
+    description=(
+        "Seed words outside the vocabulary fall back to a case-insensitive match, then to "
+        "<unk>, and are listed in unknown_words; 'error' rejects them with a 422 instead."
+    ),
+)
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class GenerateRequest(_Request):
+    seed_words: WordsOrText | None = _SEED_WORDS
+    max_words: int = Field(25, ge=0, description="Words to generate per sample.")
+    top_k: int = Field(
+        5, ge=0, description="Sample among the k most likely words; 0 means the whole vocabulary."
+    )
+    temperature: float = Field(
+        1.0, ge=0, le=100, description="Divides the scores before sampling; 0 means greedy."
+    )
+    top_p: float = Field(
+        1.0, gt=0, le=1, description="Then keep the smallest set of words reaching this mass."
+    )
+    uniform: bool = Field(
+        False, description="Pick uniformly among the kept words, as the lab's sampler does."
+    )
+    random_seed: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_RANDOM_SEED,
+        description="The same request and seed give the same text; absent: the server picks "
+        "one and returns it.",
+    )
+    n: int = Field(1, ge=1, description="Independent samples, generated as one batch.")
+    stop: StopStrings | None = Field(
+        None,
+        description="Strings that end a sample where they first appear in its text, matched on "
+        "the text (not only at word boundaries) and left out of it. A session continues after "
+        "the last word kept.",
+    )
+    session_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=SESSION_ID_MAX_CHARS,
+        description="Continue this session from its state, then store the new state in it.",
+    )
+    stream: bool = Field(False, description="Send each word as a server-sent event.")
+    on_unknown: OnUnknown = _ON_UNKNOWN
+
+
+class Usage(BaseModel):
+    seed_words: int = Field(description="Words fed before generating.")
+    generated_words: int = Field(description="Words generated, all samples together.")
+    total_words: int
+
+
+class Sample(BaseModel):
+    index: int
+    text: str = Field(description="The seed followed by the continuation.")
+    generated_text: str = Field(description="The continuation alone, as it attaches to the seed.")
+    words: list[str]
+    finish_reason: FinishReason
+
+
+class GenerateResponse(BaseModel):
+    model: str = Field(description="The id of the model that wrote this.")
+    random_seed: int
+    session_id: str | None = None
+    seed_words: list[str] = Field(description="The seed words as the model saw them.")
+    unknown_words: list[str]
+    text: str = Field(description="Sample 0: the seed words followed by the generated words.")
+    generated_text: str = Field(description="Sample 0's continuation alone.")
+    words: list[str] = Field(description="Sample 0's generated words.")
+    finish_reason: FinishReason
+    usage: Usage
+    samples: list[Sample] = Field(description="Every sample, sample 0 first.")
+
+
+class WordEventData(BaseModel):
+    """The data of a streamed ``word`` event."""
+
+    index: int
+    word: str
+    text: str = Field(description="What this word adds to the sample's generated_text.")
+
+
+class SessionCreate(_Request):
+    seed_words: WordsOrText | None = _SEED_WORDS
+    on_unknown: OnUnknown = _ON_UNKNOWN
+
+
+class SessionPublic(BaseModel):
+    session_id: str
+    model: str
+    words: list[str] = Field(description="Every word of the session so far.")
+    text: str
+    word_count: int
+    created_at: datetime
+    expires_at: datetime = Field(description="When the session ends unless it is used again.")
+    unknown_words: list[str] = Field(
+        default_factory=list, description="Seed words outside the vocabulary (on creation)."
+    )
+
+
+class NextWordsRequest(_Request):
+    seed_words: WordsOrText | None = _SEED_WORDS
+    session_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=SESSION_ID_MAX_CHARS,
+        description="Start from this session's state (the session is not changed).",
+    )
+    top_k: int = Field(10, ge=1, description="How many words to suggest.")
+    on_unknown: OnUnknown = _ON_UNKNOWN
+
+
+class WordProbability(BaseModel):
+    word: str
+    probability: float
+
+
+class NextWordsResponse(BaseModel):
+    model: str
+    session_id: str | None = None
+    seed_words: list[str]
+    unknown_words: list[str]
+    words: list[WordProbability] = Field(description="The most likely next words, best first.")
+
+
+class ScoreRequest(_Request):
+    text: WordsOrText = Field(description="A list of words, or a string the tokenizer splits.")
+    on_unknown: OnUnknown = _ON_UNKNOWN
+
+
+class ScoredWord(BaseModel):
+    word: str = Field(description="The word as given.")
+    token: str = Field(description="The word as the model saw it.")
+    known: bool = Field(description="False when the word is not in the vocabulary as given.")
+    probability: float
+    log_prob: float
+
+
+class ScoreResponse(BaseModel):
+    model: str
+    words: list[ScoredWord]
+    unknown_words: list[str]
+    log_prob: float = Field(description="Natural log-probability of the whole text.")
+    perplexity: float = Field(description="exp(-log_prob / words).")
+
+
+class Status(BaseModel):
+    status: str
+    model: str | None = None
+
+
+class Limits(BaseModel):
+    max_words: int
+    max_samples: int
+    max_seed_words: int
+    max_top_k: int
+    max_body_bytes: int
+    session_ttl_seconds: float
+    max_sessions: int
+    session_max_words: int
+
+
+class Served(BaseModel):
+    """What the engine has done since the process started."""
+
+    generations: int
+    words: int
+    cancelled: int
+    failed: int
+    pending: int = Field(description="Model jobs queued or running now.")
+
+
+class InfoResponse(BaseModel):
+    """The model card, the limits of this deployment, and what it has served."""
+
+    model: str
+    run: str
+    device: str
+    created: str | None
+    updated: str | None
+    architecture: dict[str, Any]
+    parameters: int
+    vocab_size: int
+    tokenizer: dict[str, Any]
+    corpus: dict[str, Any] | None
+    best_valid_perplexity: float | None
+    training: dict[str, Any]
+    versions: dict[str, str]
+    limits: Limits
+    served: Served
+
+
+class FieldError(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+    errors: list[FieldError]

@@ -1,0 +1,395 @@
+"""The service's logic between the routes and the engine: requests in, responses out.
+
+`TextService` checks a request against the loaded model and the settings (each problem named
+by its field), turns seed words into ids the way the model's tokenizer cuts them, runs the
+work on the engine, keeps sessions up to date, and builds the responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import anyio
+
+from app.engine import (
+    Engine,
+    EngineBusy,
+    Generation,
+    GenerationCancelled,
+    GenerationJob,
+    GenerationResult,
+)
+from app.errors import ApiError, error_body
+from app.schemas import (
+    MAX_RANDOM_SEED,
+    GenerateRequest,
+    GenerateResponse,
+    InfoResponse,
+    Limits,
+    NextWordsRequest,
+    NextWordsResponse,
+    OnUnknown,
+    Sample,
+    ScoredWord,
+    ScoreRequest,
+    ScoreResponse,
+    Served,
+    SessionCreate,
+    SessionPublic,
+    Usage,
+    WordEventData,
+    WordProbability,
+)
+from app.sessions import Session, SessionStore
+from app.settings import Settings
+from model_store.network import count_parameters
+from model_store.sampling import SamplingParams
+
+log = logging.getLogger("app")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Seed:
+    """Input words: as given (``tokens``), as ids, as the model saw them, and the unknown ones."""
+
+    tokens: list[str]
+    ids: list[int]
+    seen: list[str]
+    unknown: list[str]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A checked generation request, ready to run."""
+
+    job: GenerationJob
+    seed: Seed
+    session: Session | None
+    prefix: str  # the text the seed words add (after the session's words, if any)
+
+
+def _utc(timestamp: float) -> datetime:
+    return datetime.fromtimestamp(timestamp, UTC)
+
+
+def _unknown_session(session_id: str) -> ApiError:
+    message = f"session {session_id!r} is unknown or has expired; create one with POST /sessions"
+    return ApiError(404, message, [("session_id", "unknown or expired")])
+
+
+class TextService:
+    def __init__(self, engine: Engine, sessions: SessionStore, settings: Settings) -> None:
+        self.engine = engine
+        self.sessions = sessions
+        self.settings = settings
+        self.vocab = engine.vocab
+        self.model_id = engine.checkpoint.model_id
+
+    # -- shared steps -------------------------------------------------------------------------
+
+    def encode(
+        self, words: list[str] | str | None, on_unknown: OnUnknown, field: str = "seed_words"
+    ) -> Seed:
+        """Cut a string with the model's tokenizer (a list is used as given), map it to ids."""
+        tokens = self.vocab.tokenize(words) if isinstance(words, str) else list(words or [])
+        limit = self.settings.max_seed_words
+        if len(tokens) > limit:
+            raise ApiError.field(field, f"{len(tokens)} words; at most {limit} are accepted")
+        ids, unknown = self.vocab.encode_lenient(tokens)
+        if unknown and on_unknown == "error":
+            by_word = dict(zip(tokens, ids, strict=True))
+            described = [
+                repr(w)
+                if by_word[w] == self.vocab.unk_id
+                else f"{w!r} (only as {self.vocab.tokens[by_word[w]]!r})"
+                for w in unknown
+            ]
+            raise ApiError.field(field, "not in the vocabulary: " + ", ".join(described))
+        return Seed(tokens, ids, self.vocab.decode(ids), unknown)
+
+    async def _session(self, session_id: str) -> Session:
+        session = await self.sessions.get(session_id)
+        if session is None:
+            raise _unknown_session(session_id)
+        return session
+
+    async def _model(self, work: Awaitable[T]) -> T:
+        """Await engine work, mapping a full queue or a stopping engine to a 503."""
+        try:
+            return await work
+        except EngineBusy as exc:
+            raise _busy(exc) from None
+        except GenerationCancelled:
+            raise ApiError(503, "the generation was cancelled: the server is stopping") from None
+
+    def _submit(self, job: GenerationJob) -> Generation:
+        try:
+            return self.engine.submit(job)
+        except EngineBusy as exc:
+            raise _busy(exc) from None
+
+    # -- POST /generate -----------------------------------------------------------------------
+
+    def _check(self, req: GenerateRequest) -> None:
+        limits = self.settings
+        problems = []
+        if req.max_words > limits.max_words:
+            problems.append(("max_words", f"at most {limits.max_words}"))
+        if req.n > limits.max_samples:
+            problems.append(("n", f"at most {limits.max_samples}"))
+        if req.top_k > len(self.vocab):
+            problems.append(
+                ("top_k", f"at most {len(self.vocab)} (the vocabulary size); 0 means all words")
+            )
+        if req.session_id is not None and req.n > 1:
+            problems.append(("n", "a session continues one text: use n=1 with session_id"))
+        if problems:
+            raise ApiError(422, "; ".join(f"{f}: {m}" for f, m in problems), problems)
+
+    async def _plan(self, req: GenerateRequest) -> _Plan:
+        self._check(req)
+        seed = self.encode(req.seed_words, req.on_unknown)
+        session = await self._session(req.session_id) if req.session_id else None
+        history: Sequence[str] = session.words if session else ()
+        if session is not None:
+            total = len(history) + len(seed.tokens) + req.max_words
+            if total > self.settings.session_max_words:
+                raise ApiError.field(
+                    "max_words",
+                    f"the session holds {len(history)} words; with {len(seed.tokens)} seed "
+                    f"words and max_words {req.max_words} it would pass its limit of "
+                    f"{self.settings.session_max_words}",
+                )
+        context = [*history, *seed.tokens]
+        prefix = self.vocab.detokenize(context)[len(self.vocab.detokenize(history)) :]
+        job = GenerationJob(
+            seed_ids=seed.ids,
+            context=context,
+            params=SamplingParams(req.top_k, req.temperature, req.top_p, req.uniform),
+            random_seed=(
+                req.random_seed
+                if req.random_seed is not None
+                else secrets.randbelow(MAX_RANDOM_SEED + 1)
+            ),
+            max_words=req.max_words,
+            n=req.n,
+            stop=tuple(req.stop or ()),
+            hidden=session.hidden if session else None,
+            keep_state=session is not None,
+            stream=req.stream,
+        )
+        return _Plan(job, seed, session, prefix)
+
+    async def _finish(self, plan: _Plan, result: GenerationResult) -> GenerateResponse:
+        first = result.samples[0]
+        if plan.session is not None:
+            assert result.state is not None
+            updated = plan.session.continued(result.state, [*plan.seed.tokens, *first.words])
+            if not await self.sessions.replace(updated):
+                raise ApiError(
+                    409,
+                    f"session {plan.session.id!r} changed or ended while this request ran; "
+                    "nothing was saved to it",
+                    [("session_id", "changed or ended during the request")],
+                )
+        samples = [
+            Sample(
+                index=i,
+                text=plan.prefix + s.text,
+                generated_text=s.text,
+                words=s.words,
+                finish_reason=s.finish_reason,
+            )
+            for i, s in enumerate(result.samples)
+        ]
+        generated = sum(len(s.words) for s in samples)
+        return GenerateResponse(
+            model=self.model_id,
+            random_seed=plan.job.random_seed,
+            session_id=plan.session.id if plan.session else None,
+            seed_words=plan.seed.seen,
+            unknown_words=plan.seed.unknown,
+            text=samples[0].text,
+            generated_text=samples[0].generated_text,
+            words=samples[0].words,
+            finish_reason=samples[0].finish_reason,
+            usage=Usage(
+                seed_words=len(plan.seed.ids),
+                generated_words=generated,
+                total_words=len(plan.seed.ids) + generated,
+            ),
+            samples=samples,
+        )
+
+    async def generate(self, req: GenerateRequest) -> GenerateResponse:
+        plan = await self._plan(req)
+        generation = self._submit(plan.job)
+        return await self._finish(plan, await self._model(generation.result()))
+
+    async def stream(
+        self, req: GenerateRequest, stopping: anyio.Event
+    ) -> AsyncIterator[dict[str, str]]:
+        """Check and start a generation, then return its server-sent events.
+
+        Problems found before the stream starts raise ApiError (a 4xx/503 response); after it
+        has started they become an ``error`` event, as does ``stopping`` (the server shutting
+        down), so a stream never just ends short.
+        """
+        plan = await self._plan(req)
+        return self._events(plan, self._submit(plan.job), stopping)
+
+    async def _events(
+        self, plan: _Plan, generation: Generation, stopping: anyio.Event
+    ) -> AsyncIterator[dict[str, str]]:
+        async def stop_when_stopping() -> None:
+            await stopping.wait()
+            generation.cancel()
+
+        watcher = asyncio.create_task(stop_when_stopping())
+        try:
+            async for event in generation.events():
+                data = WordEventData(index=event.index, word=event.word, text=event.text)
+                yield {"event": "word", "data": data.model_dump_json()}
+            response = await self._finish(plan, await self._model(generation.result()))
+        except ApiError as exc:
+            yield {"event": "error", "data": json.dumps(exc.body())}
+            return
+        except Exception:
+            log.exception("generation failed after its stream started")
+            body = error_body("internal error; the server log has the details")
+            yield {"event": "error", "data": json.dumps(body)}
+            return
+        finally:
+            watcher.cancel()
+            generation.cancel()  # nothing to stop if it finished; else its client went away
+        yield {"event": "done", "data": response.model_dump_json()}
+
+    # -- sessions -----------------------------------------------------------------------------
+
+    def _public(self, session: Session, unknown: Sequence[str] = ()) -> SessionPublic:
+        return SessionPublic(
+            session_id=session.id,
+            model=self.model_id,
+            words=list(session.words),
+            text=self.vocab.detokenize(session.words),
+            word_count=len(session.words),
+            created_at=_utc(session.created),
+            expires_at=_utc(session.expires),
+            unknown_words=list(unknown),
+        )
+
+    async def create_session(self, req: SessionCreate) -> SessionPublic:
+        seed = self.encode(req.seed_words, req.on_unknown)
+        if len(seed.tokens) > self.settings.session_max_words:
+            raise ApiError.field(
+                "seed_words", f"at most {self.settings.session_max_words} words fit in a session"
+            )
+        hidden = await self._model(self.engine.prime(seed.ids, None))
+        session = await self.sessions.create(hidden, seed.tokens)
+        return self._public(session, seed.unknown)
+
+    async def get_session(self, session_id: str) -> SessionPublic:
+        return self._public(await self._session(session_id))
+
+    async def delete_session(self, session_id: str) -> None:
+        if not await self.sessions.delete(session_id):
+            raise _unknown_session(session_id)
+
+    # -- suggestions and scoring --------------------------------------------------------------
+
+    async def next_words(self, req: NextWordsRequest) -> NextWordsResponse:
+        if req.top_k > len(self.vocab):
+            raise ApiError.field("top_k", f"at most {len(self.vocab)} (the vocabulary size)")
+        seed = self.encode(req.seed_words, req.on_unknown)
+        session = await self._session(req.session_id) if req.session_id else None
+        hidden = session.hidden if session else None
+        ranked = await self._model(self.engine.next_words(seed.ids, hidden, req.top_k))
+        return NextWordsResponse(
+            model=self.model_id,
+            session_id=session.id if session else None,
+            seed_words=seed.seen,
+            unknown_words=seed.unknown,
+            words=[WordProbability(word=w, probability=p) for w, p in ranked],
+        )
+
+    async def score(self, req: ScoreRequest) -> ScoreResponse:
+        text = self.encode(req.text, req.on_unknown, field="text")
+        if not text.ids:
+            raise ApiError.field("text", "holds no words to score")
+        log_probs = await self._model(self.engine.score(text.ids))
+        total = math.fsum(log_probs)
+        return ScoreResponse(
+            model=self.model_id,
+            words=[
+                ScoredWord(
+                    word=word,
+                    token=seen,
+                    known=word in self.vocab,
+                    probability=math.exp(lp),
+                    log_prob=lp,
+                )
+                for word, seen, lp in zip(text.tokens, text.seen, log_probs, strict=True)
+            ],
+            unknown_words=text.unknown,
+            log_prob=total,
+            perplexity=math.exp(-total / len(log_probs)),
+        )
+
+    # -- the model card -----------------------------------------------------------------------
+
+    def info(self) -> InfoResponse:
+        loaded = self.engine.checkpoint
+        manifest: dict[str, Any] = loaded.manifest
+        corpus = manifest.get("corpus")
+        settings, stats = self.settings, self.engine.stats
+        return InfoResponse(
+            model=self.model_id,
+            run=loaded.run_dir.name,
+            device=str(loaded.device),
+            created=manifest.get("created"),
+            updated=manifest.get("updated"),
+            architecture=loaded.config.to_json(),
+            parameters=count_parameters(loaded.model),
+            vocab_size=len(self.vocab),
+            tokenizer=self.vocab.tokenizer.to_json(),
+            # The digest and the counts; the sources are paths on the training machine.
+            corpus=(
+                {k: v for k, v in corpus.items() if k not in ("sources", "valid_sources")}
+                if isinstance(corpus, dict)
+                else None
+            ),
+            best_valid_perplexity=manifest.get("best_valid_perplexity"),
+            training=loaded.training,
+            versions=manifest.get("versions") or {},
+            limits=Limits(
+                max_words=settings.max_words,
+                max_samples=settings.max_samples,
+                max_seed_words=settings.max_seed_words,
+                max_top_k=len(self.vocab),
+                max_body_bytes=settings.max_body_bytes,
+                session_ttl_seconds=settings.session_ttl_seconds,
+                max_sessions=settings.max_sessions,
+                session_max_words=settings.session_max_words,
+            ),
+            served=Served(
+                generations=stats.generations,
+                words=stats.words,
+                cancelled=stats.cancelled,
+                failed=stats.failed,
+                pending=self.engine.pending,
+            ),
+        )
+
+
+def _busy(exc: EngineBusy) -> ApiError:
+    return ApiError(503, f"the model is busy ({exc}); retry shortly", headers={"Retry-After": "1"})

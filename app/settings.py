@@ -1,0 +1,95 @@
+"""The service's settings, read from ``WORDRNN_*`` environment variables.
+
+Nothing is read at import time: `Settings()` reads the environment when it is built, by
+`app.main.create_app` or by the command line, whose flags override the environment.
+List settings (CORS origins, API keys) take a comma-separated string or a JSON list.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "WORDRNN_"
+
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+
+
+def _split_list(value: object) -> object:
+    """``"a, b"`` or ``'["a", "b"]'`` -> ``["a", "b"]``; other values pass through unchanged."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        return json.loads(text)
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+class Settings(BaseSettings):
+    """Where the model is, how to serve it, and the limits that keep one request cheap."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_ignore_empty=True,
+        extra="ignore",
+        validate_default=True,
+    )
+
+    model_dir: Path = Field(description="The run folder written by the trainer.")
+    device: str = Field(
+        "auto", description="auto (cuda when present, else cpu), cpu, cuda, cuda:N or mps."
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    root_path: str = Field(
+        "", description="The sub-path a reverse proxy serves the app under, e.g. /textgen."
+    )
+    log_level: LogLevel = "info"
+
+    max_words: int = Field(500, ge=1, description="Most words one sample may generate.")
+    max_samples: int = Field(8, ge=1, description="Most samples (n) one request may ask for.")
+    max_seed_words: int = Field(
+        1000, ge=1, description="Most seed words in a request (and words in a text to score)."
+    )
+    max_body_bytes: int = Field(65_536, ge=1_024, description="Largest request body accepted.")
+    max_pending: int = Field(
+        64, ge=1, description="Model jobs queued or running before new ones get a 503."
+    )
+
+    session_ttl_seconds: float = Field(
+        3600.0, gt=0, description="A session ends this long after its last use."
+    )
+    max_sessions: int = Field(
+        1000, ge=1, description="Sessions kept at once; the least recently used goes first."
+    )
+    session_max_words: int = Field(2000, ge=1, description="Most words one session may hold.")
+
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Origins allowed to call the API from a browser."
+    )
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="When set, model endpoints need 'Authorization: Bearer KEY' or 'X-API-Key'.",
+    )
+
+    @field_validator("cors_origins", "api_keys", mode="before")
+    @classmethod
+    def _lists(cls, value: object) -> object:
+        return _split_list(value)
+
+    @field_validator("root_path")
+    @classmethod
+    def _root_path(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if value and not value.startswith("/"):
+            raise ValueError("must start with '/' (for example /textgen)")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        return value.strip().lower()

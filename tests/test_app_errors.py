@@ -1,0 +1,219 @@
+"""Bad input: every validation error names its field, and no input gets a 500."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from app.main import create_app
+from tests.app_helpers import http_scope, settings_for
+
+MAX_BODY = 4096
+
+
+@pytest.fixture(scope="module")
+def client(tiny_run: Path) -> Iterator[TestClient]:
+    app = create_app(
+        settings_for(
+            tiny_run, max_words=40, max_samples=4, max_seed_words=50, max_body_bytes=MAX_BODY
+        )
+    )
+    with TestClient(app) as client:
+        yield client
+
+
+def assert_error(response: Any, status: int, field: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"detail", "errors"}
+    assert field in [e["field"] for e in body["errors"]], body
+    assert body["detail"]
+    assert "Traceback" not in response.text
+    return body  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"top_k": -1}, "top_k"),
+        ({"top_k": 23}, "top_k"),  # the tiny vocabulary has 22 words
+        ({"top_k": 5.0}, "top_k"),
+        ({"max_words": 41}, "max_words"),
+        ({"max_words": -1}, "max_words"),
+        ({"max_words": "10"}, "max_words"),
+        ({"temperature": -0.5}, "temperature"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"temperature": 1e9}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"n": 0}, "n"),
+        ({"n": 5}, "n"),
+        ({"random_seed": -1}, "random_seed"),
+        ({"random_seed": 2**53}, "random_seed"),
+        ({"random_seed": 1.5}, "random_seed"),
+        ({"stream": 0}, "stream"),
+        ({"stream": "true"}, "stream"),
+        ({"uniform": 1}, "uniform"),
+        ({"seed_words": 5}, "seed_words"),
+        ({"seed_words": ["a", 1]}, "seed_words"),
+        ({"seed_words": ["two words"]}, "seed_words"),
+        ({"seed_words": [""]}, "seed_words"),
+        ({"seed_words": ["w"] * 51}, "seed_words"),
+        ({"seed_words": " ".join(["the"] * 51)}, "seed_words"),
+        ({"stop": [""]}, "stop"),
+        ({"stop": ["a"] * 9}, "stop"),
+        ({"stop": 3}, "stop"),
+        ({"session_id": ""}, "session_id"),
+        ({"session_id": 12}, "session_id"),
+        ({"on_unknown": "ignore"}, "on_unknown"),
+        ({"bogus": 1}, "bogus"),
+    ],
+)
+def test_generate_names_the_bad_field(client: TestClient, body: dict[str, Any], field: str) -> None:
+    assert_error(client.post("/generate", json=body), 422, field)
+
+
+def test_an_unknown_field_is_named_with_the_accepted_ones(client: TestClient) -> None:
+    body = assert_error(client.post("/generate", json={"seed": "I can"}), 422, "seed")
+    assert "unknown field" in body["errors"][0]["message"]
+    assert "seed_words" in body["errors"][0]["message"]
+
+
+def test_all_out_of_range_limits_are_reported_together(client: TestClient) -> None:
+    body = assert_error(
+        client.post("/generate", json={"max_words": 1000, "n": 9, "top_k": 99}), 422, "n"
+    )
+    assert [e["field"] for e in body["errors"]] == ["max_words", "n", "top_k"]
+    assert "at most 40" in body["errors"][0]["message"]
+
+
+@pytest.mark.parametrize(
+    ("content", "status", "message"),
+    [
+        (b'{"top_k": 5', 400, "not valid JSON"),
+        (b"{'top_k': 5}", 400, "not valid JSON"),
+        (b"", 422, "a JSON object is required"),
+        (b"[]", 422, "must be a JSON object"),
+        (b'"text"', 422, "must be a JSON object"),
+        (b'{"temperature": NaN}', 422, "finite number"),
+        (b'{"temperature": Infinity}', 422, "finite number"),
+        (b"\xff\xfe", 400, "not valid JSON"),
+    ],
+)
+def test_a_body_that_is_not_a_json_object_is_refused(
+    client: TestClient, content: bytes, status: int, message: str
+) -> None:
+    response = client.post(
+        "/generate", content=content, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == status, response.text
+    assert message in response.text
+    assert "Traceback" not in response.text
+
+
+def test_a_declared_oversized_body_is_refused_unread(client: TestClient) -> None:
+    body = json.dumps({"seed_words": "x" * MAX_BODY}).encode()
+    response = client.post("/generate", content=body, headers={"content-type": "application/json"})
+    error = assert_error(response, 413, "body")
+    assert f"larger than {MAX_BODY} bytes" in error["detail"]
+
+
+def test_a_chunked_oversized_body_is_refused_while_reading(tiny_run: Path) -> None:
+    app = create_app(settings_for(tiny_run, max_body_bytes=MAX_BODY))
+    chunk, chunks = b"x" * 512, 100  # no Content-Length: the size shows only while reading
+    received = 0
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal received
+        received += 1
+        return {"type": "http.request", "body": chunk, "more_body": received < chunks}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(app(http_scope("/generate"), receive, send))
+    assert sent[0]["status"] == 413
+    assert json.loads(sent[1]["body"])["errors"][0]["field"] == "body"
+    assert received == MAX_BODY // len(chunk) + 1
+
+
+def test_a_body_just_under_the_limit_is_read(client: TestClient) -> None:
+    body = json.dumps({"seed_words": "I " * 40, "max_words": 2}).encode()
+    body += b" " * (MAX_BODY - len(body))
+    response = client.post("/generate", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/next-words", {"top_k": 0}, "top_k"),
+        ("/next-words", {"top_k": 23}, "top_k"),
+        ("/next-words", {"seed_words": "I a", "on_unknown": "error"}, "seed_words"),
+        ("/next-words", {"k": 3}, "k"),
+        ("/score", {}, "text"),
+        ("/score", {"text": ""}, "text"),
+        ("/score", {"text": []}, "text"),
+        ("/score", {"text": "I see a zebra", "on_unknown": "error"}, "text"),
+        ("/score", {"text": ["x"] * 51}, "text"),
+        ("/sessions", {"seed_words": 3}, "seed_words"),
+        ("/sessions", {"session_id": "x"}, "session_id"),
+    ],
+)
+def test_other_endpoints_name_the_bad_field(
+    client: TestClient, path: str, body: dict[str, Any], field: str
+) -> None:
+    assert_error(client.post(path, json=body), 422, field)
+
+
+def test_a_session_id_that_is_too_long_is_refused(client: TestClient) -> None:
+    assert_error(client.get("/sessions/" + "x" * 65), 422, "session_id")
+
+
+def test_unknown_paths_and_methods_answer_in_the_same_shape(client: TestClient) -> None:
+    missing = client.get("/nope")
+    assert missing.status_code == 404
+    assert missing.json() == {"detail": "Not Found", "errors": []}
+    wrong = client.get("/generate")
+    assert wrong.status_code == 405
+    assert wrong.json()["errors"] == []
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=10,
+)
+fields = st.sampled_from(
+    [
+        *("seed_words", "top_k", "max_words", "temperature", "top_p", "random_seed", "n"),
+        *("stop", "session_id", "stream", "on_unknown", "uniform", "text", "zzz"),
+    ]
+)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    path=st.sampled_from(["/generate", "/next-words", "/score", "/sessions"]),
+    body=st.dictionaries(fields, json_values, max_size=6) | json_values,
+)
+def test_no_json_body_gets_a_server_error(client: TestClient, path: str, body: Any) -> None:
+    response = client.post(
+        path,
+        content=json.dumps(body).encode(),
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code < 500, response.text
+    if response.status_code >= 400:
+        assert set(response.json()) == {"detail", "errors"}
