@@ -64,6 +64,10 @@ class CheckpointError(Exception):
         self.problem = problem
 
 
+class DeviceError(ValueError):
+    """A device name this machine cannot provide."""
+
+
 @dataclass
 class Checkpoint:
     """A loaded run folder: the network on its device, in eval mode, with its vocabulary."""
@@ -90,27 +94,27 @@ class Checkpoint:
 def pick_device(name: str = "auto") -> torch.device:
     """``auto`` -> ``cuda`` when present, else ``cpu``; also ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
 
-    Raises ValueError with a readable message for a device this machine does not have.
+    Raises DeviceError (a ValueError) with a readable message for a device this machine lacks.
     """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from exc
+        raise DeviceError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from exc
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
+            raise DeviceError(f"device {name!r} asked for, but CUDA is not available here")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(
+            raise DeviceError(
                 f"device {name!r} asked for, but only {torch.cuda.device_count()} CUDA "
                 "device(s) exist"
             )
     elif device.type == "mps":
         if not torch.backends.mps.is_available():
-            raise ValueError("device 'mps' asked for, but MPS is not available here")
+            raise DeviceError("device 'mps' asked for, but MPS is not available here")
     elif device.type != "cpu":
-        raise ValueError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+        raise DeviceError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     return device
 
 

@@ -12,19 +12,23 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from model_store import checkpoint
 from model_store.network import CELLS, SOFTMAXES, ConfigError
 from model_store.vocab import TOKENIZERS, TokenizerSpec, VocabError
+from training import distributed
 from training.config import PRESET_HELP, PRESETS, TrainConfig, preset
 from training.corpus import CorpusError, read_corpus
 from training.data import DataError, build_dataset
+from training.distributed import DistContext, DistributedError
 from training.trainer import Summary, Trainer
 
 DEFAULTS = TrainConfig()
@@ -232,13 +236,6 @@ class ConsoleReporter:
             self.bar.close()
 
 
-def _device(name: str) -> torch.device:
-    try:
-        return checkpoint.pick_device(name)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
-
 def _check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out}: exists and is not a folder")
@@ -298,21 +295,46 @@ def _prepare(
     return dataset, _corpus_info(sources, corpus, dataset, valid_sources)
 
 
-def new_run(args: argparse.Namespace, reporter: Any) -> Trainer:
+class _FollowerExit(Exception):
+    """Ends a rank other than 0 after rank 0 has reported the problem."""
+
+
+def _on_main(ctx: DistContext, check: Callable[[], None]) -> None:
+    """Run ``check`` on rank 0 alone and end every rank with its error, if any."""
+    problem = None
+    if ctx.is_main:
+        try:
+            check()
+        except (UsageError, checkpoint.CheckpointError) as exc:
+            problem = exc
+    message = ctx.broadcast(None if problem is None else str(problem))
+    if problem is not None:
+        raise problem
+    if message is not None:
+        raise _FollowerExit(message)
+
+
+def new_run(
+    args: argparse.Namespace, reporter: Any, ctx: DistContext, device: torch.device
+) -> Trainer:
     if not args.corpus or args.out is None:
         raise UsageError("--corpus and --out are required (or --resume RUN_DIR)")
     config = preset(args.preset).with_overrides(**_overrides(args))
-    _check_out_dir(args.out)
-    device = _device(args.device)
+    ctx.rows(config.batch_size)  # the rows must split evenly over the processes
+    _on_main(ctx, lambda: _check_out_dir(args.out))
     valid = _sources(args.valid_file) if args.valid_file else None
     dataset, info = _prepare(config, args, _sources(args.corpus), valid)
     info["preset"] = args.preset
-    trainer = Trainer(config, dataset, args.out, device, reporter, info)
-    trainer.start_new()
+    info["processes"] = ctx.world_size
+    trainer = Trainer(config, dataset, args.out, device, reporter, info, ctx)
+    if ctx.is_main:
+        trainer.start_new()
     return trainer
 
 
-def resume_run(args: argparse.Namespace, reporter: Any) -> Trainer:
+def resume_run(
+    args: argparse.Namespace, reporter: Any, ctx: DistContext, device: torch.device
+) -> Trainer:
     run_dir: Path = args.resume
     if args.out is not None and args.out.resolve() != run_dir.resolve():
         raise UsageError("--out and --resume name different folders; give --resume alone")
@@ -334,9 +356,10 @@ def resume_run(args: argparse.Namespace, reporter: Any) -> Trainer:
             "(its sha256 is in manifest.json); pass the same --corpus"
         )
     info["preset"] = manifest.get("preset")
-    trainer = Trainer(config, dataset, run_dir, _device(args.device), reporter, info)
+    info["processes"] = ctx.world_size
+    trainer = Trainer(config, dataset, run_dir, device, reporter, info, ctx)
     trainer.restore(tensors, state)
-    if config != TrainConfig.from_json(training):
+    if config != TrainConfig.from_json(training) and ctx.is_main:
         checkpoint.commit(
             run_dir, config=trainer.model_config, training=config.to_json(), info=info
         )
@@ -359,10 +382,13 @@ def _report(summary: Summary) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    reporter = None if args.quiet else ConsoleReporter()
+    ctx = DistContext()
     try:
-        trainer = resume_run(args, reporter) if args.resume else new_run(args, reporter)
-        if not args.quiet:
+        ctx, device = distributed.setup(args.device)
+        reporter = ConsoleReporter() if not args.quiet and ctx.is_main else None
+        start = resume_run if args.resume else new_run
+        trainer = start(args, reporter, ctx, device)
+        if not args.quiet and ctx.is_main:
             n = sum(p.numel() for p in trainer.model.parameters())
             print(
                 f"{len(trainer.vocab):,} tokens in the vocabulary, "
@@ -372,9 +398,15 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
         summary = trainer.run()
-    except (UsageError, CorpusError, DataError, ConfigError, VocabError) as exc:
+    except _FollowerExit:
+        return 2
+    except (UsageError, CorpusError, DataError, ConfigError, VocabError, DistributedError) as exc:
+        if ctx.is_main:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, UsageError | ConfigError | DistributedError) else 1
+    except checkpoint.DeviceError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, UsageError | ConfigError) else 1
+        return 2
     except checkpoint.CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -384,7 +416,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("aborted; the last checkpoint is intact", file=sys.stderr)
         return 130
-    print(_report(summary), file=sys.stderr if args.quiet else sys.stdout)
+    except dist.DistBackendError as exc:  # another process died: its collectives fail
+        print(
+            f"error: training process {ctx.rank} lost its peers ({str(exc).splitlines()[0]}); "
+            "the last checkpoint is intact",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        distributed.teardown(ctx)
+    if ctx.is_main:
+        print(_report(summary), file=sys.stderr if args.quiet else sys.stdout)
     return 0
 
 

@@ -31,6 +31,7 @@ from model_store.network import Hidden, WordRNN, count_parameters, detach_hidden
 from model_store.vocab import Vocab
 from training.config import TrainConfig
 from training.data import Dataset, batchify, eval_rows, windows
+from training.distributed import DistContext
 from training.plots import plot_history
 
 METRICS_FILE = "metrics.jsonl"
@@ -105,6 +106,19 @@ def make_adam(model: torch.nn.Module, lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(model.parameters(), lr=lr)
 
 
+class _LossStep(torch.nn.Module):
+    """One training window as a module call, so DistributedDataParallel can wrap it: it hooks
+    the gradients of whatever its wrapped module's ``forward`` computes."""
+
+    def __init__(self, model: WordRNN) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: Tensor, hidden: Hidden, targets: Tensor) -> tuple[Tensor, Hidden]:
+        features, hidden = self.model.features(ids, hidden)
+        return self.model.loss(features, targets), hidden
+
+
 class _StopFlag:
     """SIGINT/SIGTERM ask for a clean stop after the current iteration; a second Ctrl-C
     aborts at once (the last committed checkpoint stays intact either way)."""
@@ -140,6 +154,7 @@ class Trainer:
         device: torch.device,
         reporter: Reporter | None = None,
         info: dict[str, Any] | None = None,
+        dist: DistContext | None = None,
     ) -> None:
         self.config = config
         self.dataset = dataset
@@ -148,9 +163,16 @@ class Trainer:
         self.device = device
         self.reporter: Reporter = reporter or SilentReporter()
         self.info = dict(info or {})
-        torch.manual_seed(config.seed)
+        self.dist = dist or DistContext()
+        torch.manual_seed(config.seed)  # the same initial weights on every rank
         self.model_config = config.model_config(len(self.vocab))
         self.model = WordRNN(self.model_config).to(device)
+        self.step: torch.nn.Module = _LossStep(self.model)
+        if self.dist.enabled:
+            torch.manual_seed(config.seed + self.dist.rank)  # dropout masks differ per rank
+            self.step = torch.nn.parallel.DistributedDataParallel(
+                self.step, device_ids=[device] if device.type == "cuda" else None
+            )
         self.optimizer = make_adam(self.model, config.lr)
         self.scheduler = (
             torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -197,12 +219,21 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.progress = Progress(**{**state["progress"], "stop_reason": None})
-        if "hidden.h" in tensors:
-            h = tensors["hidden.h"].to(self.device)
-            self.hidden = (h, tensors["hidden.c"].to(self.device)) if "hidden.c" in tensors else h
-        torch.set_rng_state(tensors["rng.torch"])
+        rows = self.dist.rows(self.config.batch_size)
+        if "hidden.h" in tensors:  # (layers, batch_size, hidden): this rank's rows
+            h = tensors["hidden.h"][:, rows].to(self.device)
+            self.hidden = (
+                (h, tensors["hidden.c"][:, rows].to(self.device)) if "hidden.c" in tensors else h
+            )
+        rng = tensors["rng.torch"]  # (processes, state) rows by rank
+        if rng.shape[0] == self.dist.world_size:
+            torch.set_rng_state(rng[self.dist.rank].clone())  # a view of row 1 crashes it
+        else:  # resumed with another process count: a fresh, still deterministic stream
+            torch.manual_seed(self.config.seed + self.dist.rank + self.progress.iteration)
         if self.device.type == "cuda" and "rng.cuda" in tensors:
-            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+            cuda_rng = tensors["rng.cuda"]
+            if cuda_rng.shape[0] == self.dist.world_size:
+                torch.cuda.set_rng_state(cuda_rng[self.dist.rank].clone(), self.device)
         self.history = self._read_history()
         self._last_eval_iteration = self.progress.iteration
 
@@ -216,7 +247,10 @@ class Trainer:
         cfg = self.config
         x, y = batchify(self.dataset.train_ids.to(self.device), cfg.batch_size, cfg.seq_size)
         n_windows = math.ceil(x.shape[1] / cfg.seq_size)
-        words_per_epoch = x.numel()
+        words_per_epoch = x.numel()  # all ranks together
+        rows = self.dist.rows(cfg.batch_size)
+        x, y = x[rows], y[rows]  # this rank's rows
+        world = self.dist.world_size
         budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
         p = self.progress
         self.reporter.start(
@@ -232,19 +266,18 @@ class Trainer:
                 hidden = (
                     self.hidden
                     if p.window > 0 and self.hidden is not None
-                    else (self.model.init_hidden(cfg.batch_size))
+                    else (self.model.init_hidden(x.shape[0]))
                 )
                 for index, xb, yb in windows(x, y, cfg.seq_size, start=p.window):
                     hidden = detach_hidden(hidden)
-                    features, hidden = self.model.features(xb, hidden)
-                    loss = self.model.loss(features, yb)
+                    loss, hidden = self.step(xb, hidden, yb)
                     self.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip)
                     self.optimizer.step()
                     p.iteration += 1
                     p.window = index + 1
-                    p.words += xb.numel()
+                    p.words += xb.numel() * world
                     p.seconds = time.monotonic() - session_start
                     running += loss.detach()
                     running_n += 1
@@ -255,16 +288,22 @@ class Trainer:
                         running_n = 0
                         self._log_train(mean)
                         self.reporter.status(mean, p.epoch + 1)
-                    self.reporter.advance(xb.numel())
-                    if cfg.sample_every and p.iteration % cfg.sample_every == 0:
+                    self.reporter.advance(xb.numel() * world)
+                    if (
+                        cfg.sample_every
+                        and p.iteration % cfg.sample_every == 0
+                        and self.dist.is_main
+                    ):
                         self._preview()
                     if cfg.eval_every and p.iteration % cfg.eval_every == 0:
                         self._evaluate(scheduled=True)
-                    if self._stop.reason:
-                        p.stop_reason = self._stop.reason
-                    elif p.seconds >= budget:
-                        p.stop_reason = "time budget"
-                    if p.stop_reason:
+                    reason = (
+                        p.stop_reason
+                        or self._stop.reason
+                        or ("time budget" if p.seconds >= budget else None)
+                    )
+                    if self.dist.any(reason is not None):  # every rank stops at the same step
+                        p.stop_reason = reason or "stopped by another process"
                         break
                 if p.window >= n_windows:
                     p.epoch += 1
@@ -274,7 +313,7 @@ class Trainer:
             p.stop_reason = p.stop_reason or "completed"
             if self._last_eval_iteration != p.iteration:
                 self._evaluate(scheduled=False)
-            else:  # record why the run ended
+            elif self.dist.is_main:  # record why the run ended
                 checkpoint.commit(self.run_dir, info=self._manifest_info())
         self.reporter.close()
         return Summary(
@@ -394,15 +433,17 @@ class Trainer:
         for pid, values in optim["state"].items():
             for name, value in values.items():
                 tensors[f"optim.{pid}.{name}"] = torch.as_tensor(value).detach().cpu()
-        tensors["rng.torch"] = torch.get_rng_state()
+        gather = self.dist.gather
+        rng = torch.get_rng_state().to(self.device if self.device.type == "cuda" else "cpu")
+        tensors["rng.torch"] = gather(rng.unsqueeze(0), 0).cpu()  # (processes, state)
         if self.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-        if self.hidden is not None and self.progress.window > 0:
-            if isinstance(self.hidden, tuple):
-                tensors["hidden.h"] = self.hidden[0].detach().cpu().contiguous()
-                tensors["hidden.c"] = self.hidden[1].detach().cpu().contiguous()
-            else:
-                tensors["hidden.h"] = self.hidden.detach().cpu().contiguous()
+            cuda_rng = torch.cuda.get_rng_state(self.device).to(self.device)
+            tensors["rng.cuda"] = gather(cuda_rng.unsqueeze(0), 0).cpu()
+        mid_epoch = self.dist.any(self.hidden is not None and self.progress.window > 0)
+        if mid_epoch and self.hidden is not None:  # every rank's rows: (layers, batch, hidden)
+            parts = self.hidden if isinstance(self.hidden, tuple) else (self.hidden,)
+            for name, part in zip(("hidden.h", "hidden.c"), parts, strict=False):
+                tensors[name] = gather(part.detach(), 1).cpu().contiguous()
         state = {
             "progress": asdict(self.progress),
             "optimizer": optim["param_groups"],
@@ -423,10 +464,13 @@ class Trainer:
         }
 
     def _commit(self, weights: bool) -> None:
+        resume = self._resume_state()  # a collective: every rank takes part
+        if not self.dist.is_main:
+            return
         checkpoint.commit(
             self.run_dir,
             weights=checkpoint.weights_state(self.model) if weights else None,
-            resume=self._resume_state(),
+            resume=resume,
             iteration=self.progress.iteration,
             info=self._manifest_info(),
         )
@@ -447,6 +491,8 @@ class Trainer:
         )
 
     def _log(self, record: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
         record = {"time": round(time.time(), 3), **record}
         with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
