@@ -1,5 +1,8 @@
 """Serve a run folder over HTTP: ``python -m app --model-dir RUN_DIR [--host H] [--port P]``.
 
+``--engine batched`` (the default) steps every active request together, one forward pass per
+step; ``--engine naive`` generates each request alone, one after the other (``WORDRNN_ENGINE``).
+
 Flags override the ``WORDRNN_*`` environment (see ``app/settings.py``). The model is loaded
 and warmed up before the port is opened; a bad checkpoint or device ends the process with
 one line on stderr that names the file (exit status 1), bad settings with exit status 2.
@@ -9,17 +12,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
+import gc
 import signal
 import sys
 from collections.abc import Sequence
 from types import FrameType
-from typing import Any
 
 import uvicorn
 from pydantic import ValidationError
 
 from app.errors import StartupError
+from app.logs import log_config
 from app.main import create_app
 from app.settings import ENV_PREFIX, Settings
 
@@ -38,27 +41,43 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--log-level", choices=["critical", "error", "warning", "info", "debug"], default=None
     )
+    parser.add_argument(
+        "--log-format", choices=["text", "json"], help="text (default) or json: one object a line"
+    )
+    parser.add_argument(
+        "--forwarded-allow-ips",
+        help="proxies whose X-Forwarded-* headers are believed: comma-separated addresses or "
+        "networks, or * (default 127.0.0.1,::1)",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=["batched", "naive"],
+        help="batched (default): continuous batching, every active request advanced in one "
+        "forward pass per step; naive: each request generates alone",
+    )
+    # The benchmark's HTTP ceiling (bench/serve_load.py): POST /bench/generate-noop.
+    parser.add_argument("--bench-noop", action="store_true", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
-FLAGS = ("model_dir", "host", "port", "device", "root_path", "log_level")
+FLAGS = (
+    "model_dir",
+    "host",
+    "port",
+    "device",
+    "root_path",
+    "log_level",
+    "log_format",
+    "forwarded_allow_ips",
+    "engine",
+    "bench_noop",
+)
 
 
 def build_settings(args: argparse.Namespace) -> Settings:
     """Settings from the environment, with the flags that were given on top."""
     overrides = {name: getattr(args, name) for name in FLAGS if getattr(args, name) is not None}
     return Settings(**overrides)
-
-
-def _log_config(level: str) -> dict[str, Any]:
-    """uvicorn's logging, with the service's own ``app`` logger printed the same way."""
-    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
-    config["loggers"]["app"] = {
-        "handlers": ["default"],
-        "level": level.upper(),
-        "propagate": False,
-    }
-    return config
 
 
 def _stop(signum: int, frame: FrameType | None) -> None:
@@ -74,10 +93,18 @@ async def _serve(settings: Settings) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        log_config=_log_config(settings.log_level),
+        log_config=log_config(settings.log_level, settings.log_format),
+        access_log=False,  # app.logs writes the access log, with request ids
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
+        timeout_graceful_shutdown=settings.shutdown_timeout_seconds,
         lifespan="off",  # run below, so that a start-up failure is ours to report
     )
     async with app.router.lifespan_context(app):
+        # What start-up built (torch, the model, the app) lives as long as the process: keep
+        # the cyclic GC from rescanning it, whose full passes otherwise stall every request,
+        # and the inference thread, for ~0.1 s under load.
+        gc.freeze()
         await uvicorn.Server(config).serve()
 
 

@@ -13,15 +13,18 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import metadata
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from app.deps import require_api_key
 from app.engine import Engine
 from app.errors import install_error_handlers
+from app.logs import RequestLogMiddleware
+from app.metrics import Metrics, MetricsMiddleware
 from app.middleware import BodyLimitMiddleware, RootPathMiddleware, StartupErrorMiddleware
-from app.routes import api_router
+from app.routes import api_router, bench
 from app.serving import TextService
-from app.sessions import MemorySessionStore, SessionStore
+from app.sessions import MemorySessionStore, RedisSessionStore, SessionStore
 from app.settings import Settings
 
 log = logging.getLogger("app")
@@ -33,6 +36,10 @@ Text from a word-level recurrent network trained by `python -m training`.
 sampling; `stream: true` sends each word as a server-sent event. Sessions keep the hidden
 state between requests. `POST /next-words` suggests the next word, `POST /score` scores a text.
 Errors are `{"detail": ..., "errors": [{"field": ..., "message": ...}]}`.
+
+`POST /v1/completions` and `GET /v1/models` are OpenAI's completions API on the same model
+(point an OpenAI client at `.../v1`; errors there use OpenAI's body). `GET /` is a playground
+page, `GET /metrics` Prometheus' metrics. Every answer carries an `X-Request-ID`.
 """
 
 
@@ -41,6 +48,14 @@ def _version() -> str:
         return metadata.version("wordrnn")
     except metadata.PackageNotFoundError:
         return "0+unknown"
+
+
+def _session_store(settings: Settings, model_id: str) -> SessionStore:
+    if settings.session_store == "redis":
+        return RedisSessionStore.from_url(
+            settings.redis_url, settings.session_ttl_seconds, model_id
+        )
+    return MemorySessionStore(settings.session_ttl_seconds, settings.max_sessions)
 
 
 def create_app(
@@ -55,15 +70,34 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("loading %s on device %s", settings.model_dir, settings.device)
-        engine = await Engine.start(settings.model_dir, settings.device, settings.max_pending)
-        sessions = (
-            MemorySessionStore(settings.session_ttl_seconds, settings.max_sessions)
-            if session_store is None
-            else session_store
+        engine = await Engine.start(
+            settings.model_dir,
+            settings.device,
+            kind=settings.engine,
+            max_pending=settings.max_pending,
+            max_batch=settings.max_batch,
+            timeout_seconds=settings.request_timeout_seconds,
+            threads=settings.torch_threads,
         )
+        try:
+            sessions = (
+                session_store
+                if session_store is not None
+                else _session_store(settings, engine.checkpoint.model_id)
+            )
+            if isinstance(sessions, RedisSessionStore):
+                await sessions.ping()
+        except BaseException:
+            await engine.close()  # its thread would keep a failed process alive
+            raise
         app.state.service = TextService(engine, sessions, settings)
         app.state.phase = "ready"
-        log.info("ready: model %s on %s", engine.checkpoint.model_id, engine.device)
+        log.info(
+            "ready: model %s on %s (%s engine)",
+            engine.checkpoint.model_id,
+            engine.device,
+            engine.kind,
+        )
         try:
             yield
         finally:
@@ -82,8 +116,11 @@ def create_app(
     app.state.settings = settings
     app.state.service = None
     app.state.phase = "loading"
+    app.state.metrics = Metrics(app.state)
     install_error_handlers(app)
     app.include_router(api_router)
+    if settings.bench_noop:
+        app.include_router(bench.router, dependencies=[Depends(require_api_key)])
     # The last added runs first: the root path, then CORS (so refusals carry its headers too),
     # then the body limit; the start-up middleware only sees the lifespan.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
@@ -94,6 +131,9 @@ def create_app(
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "X-API-Key"],
         )
+    # Metrics and the access log see every answer, refusals included, under the root path.
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(RequestLogMiddleware)
     if settings.root_path:
         app.add_middleware(RootPathMiddleware, root_path=settings.root_path)
     app.add_middleware(StartupErrorMiddleware)

@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -22,10 +22,12 @@ import anyio
 from app.engine import (
     Engine,
     EngineBusy,
+    EngineClosed,
     Generation,
     GenerationCancelled,
     GenerationJob,
     GenerationResult,
+    GenerationTimeout,
 )
 from app.errors import ApiError, error_body
 from app.schemas import (
@@ -50,6 +52,7 @@ from app.schemas import (
 )
 from app.sessions import Session, SessionStore
 from app.settings import Settings
+from app.text import SampleText
 from model_store.network import count_parameters
 from model_store.sampling import SamplingParams
 
@@ -124,19 +127,26 @@ class TextService:
         return session
 
     async def _model(self, work: Awaitable[T]) -> T:
-        """Await engine work, mapping a full queue or a stopping engine to a 503."""
+        """Await engine work, mapping a full queue or a stopping engine to a 503 and a
+        generation that passed its deadline to a 504."""
         try:
             return await work
         except EngineBusy as exc:
             raise _busy(exc) from None
+        except EngineClosed:
+            raise _stopping() from None
         except GenerationCancelled:
             raise ApiError(503, "the generation was cancelled: the server is stopping") from None
+        except GenerationTimeout as exc:
+            raise ApiError(504, f"{exc}; ask for fewer words or retry later") from None
 
     def _submit(self, job: GenerationJob) -> Generation:
         try:
             return self.engine.submit(job)
         except EngineBusy as exc:
             raise _busy(exc) from None
+        except EngineClosed:
+            raise _stopping() from None
 
     # -- POST /generate -----------------------------------------------------------------------
 
@@ -235,6 +245,15 @@ class TextService:
         plan = await self._plan(req)
         generation = self._submit(plan.job)
         return await self._finish(plan, await self._model(generation.result()))
+
+    async def generate_noop(self, req: GenerateRequest) -> GenerateResponse:
+        """`generate` without the model: the same checks and the same response, with
+        ``max_words`` copies of one word. The benchmark's HTTP ceiling (``--bench-noop``)."""
+        plan = await self._plan(req)
+        if plan.session is not None:
+            raise ApiError.field("session_id", "the no-op endpoint does not continue sessions")
+        sample = _noop_sample(self.vocab.tokens[-1], self.vocab.detokenize, req.max_words)
+        return await self._finish(plan, GenerationResult([sample] * req.n, None))
 
     async def stream(
         self, req: GenerateRequest, stopping: anyio.Event
@@ -351,7 +370,7 @@ class TextService:
         loaded = self.engine.checkpoint
         manifest: dict[str, Any] = loaded.manifest
         corpus = manifest.get("corpus")
-        settings, stats = self.settings, self.engine.stats
+        settings, stats = self.settings, self.engine.counters
         return InfoResponse(
             model=self.model_id,
             run=loaded.run_dir.name,
@@ -393,3 +412,12 @@ class TextService:
 
 def _busy(exc: EngineBusy) -> ApiError:
     return ApiError(503, f"the model is busy ({exc}); retry shortly", headers={"Retry-After": "1"})
+
+
+def _stopping() -> ApiError:
+    return ApiError(503, "the server is stopping; retry shortly", headers={"Retry-After": "2"})
+
+
+def _noop_sample(word: str, detokenize: Callable[[list[str]], str], count: int) -> SampleText:
+    words = [word] * count
+    return SampleText(words, detokenize(words), "length")

@@ -6,20 +6,30 @@ come from `secrets` and cannot be guessed.
 
 `SessionStore` is the interface the routes use; `MemorySessionStore` keeps sessions in this
 process with a time-to-live from the last use and a maximum count, evicting the least recently
-used. Updates are optimistic: `replace` succeeds only if the session has not changed since it
-was read, so two requests racing on one session cannot silently lose a continuation.
+used; `RedisSessionStore` keeps them in Redis, shared by several replicas behind a proxy.
+Updates are optimistic: `replace` succeeds only if the session has not changed since it was
+read, so two requests racing on one session cannot silently lose a continuation.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import math
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
+import safetensors.torch
+
+from app.errors import ApiError, StartupError
 from model_store.network import Hidden
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 Clock = Callable[[], float]
 
@@ -115,3 +125,162 @@ class MemorySessionStore:
 
     async def close(self) -> None:
         self._sessions.clear()
+
+
+class ForeignSessionError(ApiError):
+    """A shared session written by a replica that serves another model (409)."""
+
+    def __init__(self, session_id: str, model: str) -> None:
+        super().__init__(
+            409,
+            f"session {session_id!r} belongs to model {model!r}, not the one this server runs; "
+            "continue it on a replica that serves that model, or create a new session",
+            [("session_id", "created with another model")],
+        )
+
+
+# Store ``fields`` only if the session still has version ARGV[1]; then reset its TTL.
+_REPLACE_SCRIPT = """
+if redis.call('HGET', KEYS[1], 'version') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'version', ARGV[2], 'words', ARGV[3], 'hidden', ARGV[4])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
+
+
+class RedisSessionStore:
+    """Sessions in Redis, shared by every replica: one hash per session with its expiry.
+
+    A session's hidden state is stored as safetensors bytes (never pickled) with the id of the
+    model that made it; a replica serving another model refuses it with a 409. Redis bounds the
+    count (``maxmemory`` with a ``volatile-lru`` policy evicts the least recently used); the TTL
+    is renewed by every use.
+    """
+
+    FORMAT = "1"
+
+    def __init__(
+        self,
+        client: Redis,
+        ttl_seconds: float,
+        model_id: str,
+        prefix: str = "wordrnn:",
+        clock: Clock = time.time,
+    ) -> None:
+        self._redis = client
+        self.ttl_seconds = ttl_seconds
+        self.model_id = model_id
+        self._prefix = prefix
+        self._clock = clock
+        self._replace = client.register_script(_REPLACE_SCRIPT)
+
+    @classmethod
+    def from_url(cls, url: str, ttl_seconds: float, model_id: str) -> RedisSessionStore:
+        try:
+            from redis.asyncio import Redis
+        except ImportError:
+            raise StartupError(
+                "session_store=redis needs the redis package: pip install 'wordrnn[redis]'"
+            ) from None
+        return cls(Redis.from_url(url, socket_timeout=5), ttl_seconds, model_id)
+
+    async def ping(self) -> None:
+        """Raise StartupError unless the server answers (called at start-up)."""
+        from redis.exceptions import RedisError
+
+        try:
+            await self._redis.ping()
+        except RedisError as exc:
+            raise StartupError(f"session store: cannot reach Redis ({exc})") from None
+
+    def _key(self, session_id: str) -> str:
+        return f"{self._prefix}session:{session_id}"
+
+    @property
+    def _ttl(self) -> int:
+        return max(1, math.ceil(self.ttl_seconds))
+
+    async def create(self, hidden: Hidden, words: Sequence[str]) -> Session:
+        now = self._clock()
+        session = Session(new_session_id(), hidden, tuple(words), now, now + self.ttl_seconds)
+        fields = {
+            "format": self.FORMAT,
+            "model": self.model_id,
+            "created": repr(now),
+            "version": "0",
+            "words": json.dumps(session.words),
+            "hidden": _hidden_bytes(hidden),
+        }
+        async with _unavailable_on_error(), self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self._key(session.id), mapping=fields)
+            pipe.expire(self._key(session.id), self._ttl)
+            await pipe.execute()
+        return session
+
+    async def get(self, session_id: str) -> Session | None:
+        key = self._key(session_id)
+        async with _unavailable_on_error(), self._redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(key)
+            pipe.expire(key, self._ttl)
+            stored, _ = await pipe.execute()
+        if not stored:
+            return None
+        fields = {k.decode(): v for k, v in stored.items()}
+        model = fields.get("model", b"").decode()
+        if fields.get("format", b"").decode() != self.FORMAT or model != self.model_id:
+            raise ForeignSessionError(session_id, model)
+        return Session(
+            id=session_id,
+            hidden=_hidden_from_bytes(fields["hidden"]),
+            words=tuple(json.loads(fields["words"])),
+            created=float(fields["created"]),
+            expires=self._clock() + self.ttl_seconds,
+            version=int(fields["version"]),
+        )
+
+    async def replace(self, session: Session) -> bool:
+        async with _unavailable_on_error():
+            done = await self._replace(
+                keys=[self._key(session.id)],
+                args=[
+                    str(session.version - 1),
+                    str(session.version),
+                    json.dumps(session.words),
+                    _hidden_bytes(session.hidden),
+                    self._ttl,
+                ],
+            )
+        return bool(done)
+
+    async def delete(self, session_id: str) -> bool:
+        async with _unavailable_on_error():
+            return bool(await self._redis.delete(self._key(session_id)))
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+@contextlib.asynccontextmanager
+async def _unavailable_on_error() -> AsyncIterator[None]:
+    """A Redis outage is a 503 the client may retry, never a 500."""
+    from redis.exceptions import RedisError
+
+    try:
+        yield
+    except RedisError as exc:
+        raise ApiError(
+            503,
+            f"the session store is unavailable ({type(exc).__name__}); retry shortly",
+            headers={"Retry-After": "1"},
+        ) from exc
+
+
+def _hidden_bytes(hidden: Hidden) -> bytes:
+    parts = hidden if isinstance(hidden, tuple) else (hidden,)
+    tensors = {name: t.detach().cpu().contiguous() for name, t in zip("hc", parts, strict=False)}
+    return safetensors.torch.save(tensors)
+
+
+def _hidden_from_bytes(data: bytes) -> Hidden:
+    tensors = safetensors.torch.load(data)
+    return (tensors["h"], tensors["c"]) if "c" in tensors else tensors["h"]

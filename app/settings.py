@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.logs import LogFormat
+
 ENV_PREFIX = "WORDRNN_"
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
@@ -49,6 +51,19 @@ class Settings(BaseSettings):
         "", description="The sub-path a reverse proxy serves the app under, e.g. /textgen."
     )
     log_level: LogLevel = "info"
+    log_format: LogFormat = Field(
+        "text", description="text (uvicorn's lines) or json (one JSON object a line)."
+    )
+    forwarded_allow_ips: str = Field(
+        "127.0.0.1,::1",
+        description="Comma-separated addresses or networks (or *) of the reverse proxies whose "
+        "X-Forwarded-For and X-Forwarded-Proto headers are believed.",
+    )
+    shutdown_timeout_seconds: int = Field(
+        8,
+        ge=1,
+        description="On SIGTERM, connections still open this long after the stop are closed.",
+    )
 
     max_words: int = Field(500, ge=1, description="Most words one sample may generate.")
     max_samples: int = Field(8, ge=1, description="Most samples (n) one request may ask for.")
@@ -57,7 +72,33 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(65_536, ge=1_024, description="Largest request body accepted.")
     max_pending: int = Field(
-        64, ge=1, description="Model jobs queued or running before new ones get a 503."
+        256,
+        ge=1,
+        description="Requests queued or running before new ones get a 503 with Retry-After.",
+    )
+    engine: Literal["batched", "naive"] = Field(
+        "batched",
+        description="batched: continuous batching, one forward pass per step for every active "
+        "row; naive: each request generates alone (the baseline, and a fallback).",
+    )
+    max_batch: int = Field(
+        128, ge=1, description="Most rows (samples) the batched engine advances in one step."
+    )
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="Threads torch uses for a model step; 0 keeps torch's default (one per "
+        "core). 1 suits a machine shared with other busy processes.",
+    )
+    request_timeout_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="A generation still queued or running this long is dropped (504).",
+    )
+    bench_noop: bool = Field(
+        False,
+        description="Serve POST /bench/generate-noop: /generate without the model, for "
+        "bench/serve_load.py's HTTP ceiling. Not for production.",
     )
 
     session_ttl_seconds: float = Field(
@@ -67,6 +108,14 @@ class Settings(BaseSettings):
         1000, ge=1, description="Sessions kept at once; the least recently used goes first."
     )
     session_max_words: int = Field(2000, ge=1, description="Most words one session may hold.")
+    session_store: Literal["memory", "redis"] = Field(
+        "memory",
+        description="memory: sessions live in this process; redis: in Redis at redis_url, "
+        "shared by every replica.",
+    )
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="The Redis server of session_store=redis."
+    )
 
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Origins allowed to call the API from a browser."

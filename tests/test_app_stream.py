@@ -118,7 +118,7 @@ def test_a_client_that_disconnects_stops_its_generation(tiny_run: Path) -> None:
     async def scenario() -> None:
         async with LifespanManager(app):
             service: TextService = app.state.service
-            cancelled_before = service.engine.stats.cancelled
+            cancelled_before = service.engine.counters.cancelled
             first_word = asyncio.Event()
             read = False
 
@@ -138,7 +138,7 @@ def test_a_client_that_disconnects_stops_its_generation(tiny_run: Path) -> None:
             await asyncio.wait_for(app(scope, receive, send), timeout=30)
             # One inference thread runs jobs in order: this one ends after the stream's.
             await asyncio.wait_for(service.engine.prime([], None), timeout=20)
-            assert service.engine.stats.cancelled == cancelled_before + 1
+            assert service.engine.counters.cancelled == cancelled_before + 1
             assert service.engine.pending == 0
 
     asyncio.run(scenario())

@@ -7,10 +7,19 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
+from app import metrics
 from app.deps import require_api_key
-from app.routes import generate, sessions, status, suggest
+from app.routes import generate, openai, playground, sessions, status, suggest
 
 api_router = APIRouter()
 api_router.include_router(status.router)
-for protected in (generate.router, sessions.router, suggest.router, status.info_router):
+api_router.include_router(metrics.router)
+api_router.include_router(playground.router)
+for protected in (
+    generate.router,
+    sessions.router,
+    suggest.router,
+    status.info_router,
+    openai.router,
+):
     api_router.include_router(protected, dependencies=[Depends(require_api_key)])

@@ -1,0 +1,301 @@
+"""``GET /metrics``: the service's Prometheus metrics, written by ``prometheus_client``.
+
+Each app has its own registry (`Metrics`), so apps built side by side (tests) never share
+counts. `MetricsMiddleware` records every HTTP request by route template (``/sessions/{id}``,
+never the raw path), method and status, its duration until the last byte, and for event
+streams the time to the first word. What the service holds is read when Prometheus scrapes,
+by `ServiceCollector`: readiness, the model, active sessions, and the engine's own counters
+(whatever ``engine.stats()`` reports; see `engine_stats`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+import time
+from collections import Counter as Tally
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from model_store.network import count_parameters
+
+log = logging.getLogger("app")
+
+PREFIX = "wordrnn"
+# Requests: from a health check (milliseconds) to a long stream (minutes).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+FIRST_WORD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+UNMATCHED = "<unmatched>"  # the route label of a path no route serves (keeps labels bounded)
+
+# Engine statistics with a meaning of their own: key -> (kind, metric name, help).
+ENGINE_METRICS: dict[str, tuple[str, str, str]] = {
+    "queue_length": ("gauge", "engine_queue_length", "Generations waiting to join the batch."),
+    "active_rows": ("gauge", "engine_active_rows", "Rows (samples) in the running batch."),
+    "pending": ("gauge", "engine_pending_jobs", "Model jobs queued or running."),
+    "steps_total": ("counter", "engine_steps", "Batched model steps run."),
+    "rows_stepped_total": ("counter", "engine_rows_stepped", "Rows advanced by a step, summed."),
+    "words": ("counter", "generated_words", "Words generated, all samples together."),
+    "words_total": ("counter", "generated_words", "Words generated, all samples together."),
+    "generated_words_total": (
+        "counter",
+        "generated_words",
+        "Words generated, all samples together.",
+    ),
+    "generations": ("counter", "engine_generations", "Generations run (the warm-up included)."),
+    "generations_total": ("counter", "engine_generations", "Generations run."),
+    "cancelled": ("counter", "engine_cancelled", "Generations stopped before their end."),
+    "cancelled_total": ("counter", "engine_cancelled", "Generations stopped before their end."),
+    "failed": ("counter", "engine_failed", "Generations that failed."),
+    "failed_total": ("counter", "engine_failed", "Generations that failed."),
+    "step_batch_sizes": ("histogram", "engine_step_batch_size", "Rows per batched model step."),
+    "active_requests": ("gauge", "engine_active_requests", "Requests in the running batch."),
+    "expired": ("counter", "engine_expired", "Generations dropped at their deadline."),
+    "rejected": ("counter", "engine_rejected", "Requests refused because the queue was full."),
+    "max_pending": ("gauge", "engine_max_pending", "Requests queued or running at most."),
+    "max_batch": ("gauge", "engine_max_batch", "Rows one step advances at most."),
+}
+
+
+def engine_stats(engine: object) -> dict[str, Any]:
+    """The engine's statistics as a dict: ``engine.stats()`` (or a ``stats`` attribute, a
+    dict or a dataclass), plus ``engine.pending``; empty when the engine has none."""
+    raw: Any = getattr(engine, "stats", None)
+    try:
+        if callable(raw) and not dataclasses.is_dataclass(raw):
+            raw = raw()
+    except Exception:
+        log.warning("engine.stats() failed; its metrics are left out", exc_info=True)
+        return {}
+    if dataclasses.is_dataclass(raw) and not isinstance(raw, type):
+        stats = dataclasses.asdict(raw)
+    elif isinstance(raw, Mapping):
+        stats = dict(raw)
+    else:
+        stats = {}
+    pending = getattr(engine, "pending", None)
+    if isinstance(pending, int) and "pending" not in stats:
+        stats["pending"] = pending
+    return stats
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _batch_histogram(name: str, doc: str, value: object) -> HistogramMetricFamily | None:
+    """``{size: steps}`` (or a list of sizes) as a histogram of rows per step."""
+    if isinstance(value, Mapping):
+        tally = {int(k): int(v) for k, v in value.items()}
+    elif isinstance(value, Iterable) and not isinstance(value, str | bytes):
+        tally = dict(Tally(int(v) for v in value))
+    else:
+        return None
+    buckets, seen = [], 0
+    for bound in BATCH_BUCKETS:
+        seen = sum(n for size, n in tally.items() if size <= bound)
+        buckets.append((str(float(bound)), seen))
+    buckets.append(("+Inf", sum(tally.values())))
+    total = float(sum(size * n for size, n in tally.items()))
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=total)
+
+
+class ServiceCollector(Collector):
+    """What the app holds, read at scrape time from ``app.state``."""
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[Metric]:
+        service = getattr(self.state, "service", None)
+        yield GaugeMetricFamily(
+            f"{PREFIX}_ready", "1 once the model is loaded and warmed up.", value=int(bool(service))
+        )
+        if service is None:
+            return
+        try:
+            yield from self._model(service)
+            yield from self._sessions(service)
+            yield from self._engine(service.engine)
+        except Exception:  # a scrape must not fail because one figure could not be read
+            log.warning("some metrics could not be read", exc_info=True)
+
+    @staticmethod
+    def _model(service: Any) -> Iterator[Metric]:
+        loaded = service.engine.checkpoint
+        config = loaded.config
+        info = InfoMetricFamily(f"{PREFIX}_model", "The model being served.")
+        info.add_metric(
+            [],
+            {
+                "model": str(service.model_id),
+                "run": loaded.run_dir.name,
+                "device": str(loaded.device),
+                "cell": str(config.cell),
+                "layers": str(config.layers),
+                "hidden_dim": str(config.hidden_dim),
+                "vocab_size": str(len(service.vocab)),
+            },
+        )
+        yield info
+        yield GaugeMetricFamily(
+            f"{PREFIX}_model_parameters",
+            "Parameters of the served model.",
+            value=count_parameters(loaded.model),
+        )
+
+    @staticmethod
+    def _sessions(service: Any) -> Iterator[Metric]:
+        try:
+            active = len(service.sessions)
+        except TypeError:  # a store that cannot count cheaply
+            return
+        yield GaugeMetricFamily(f"{PREFIX}_active_sessions", "Sessions kept now.", value=active)
+
+    @staticmethod
+    def _engine(engine: object) -> Iterator[Metric]:
+        emitted: set[str] = set()
+        stats = engine_stats(engine)
+        labels = {k: v for k, v in stats.items() if isinstance(v, str)}  # e.g. the engine kind
+        if labels:
+            info = InfoMetricFamily(f"{PREFIX}_engine", "What the engine says of itself.")
+            info.add_metric([], labels)
+            yield info
+        for key, value in stats.items():
+            kind, name, doc = ENGINE_METRICS.get(key, ("", "", ""))
+            if not kind:  # a statistic this module does not know: shown as it is named
+                name = "engine_" + re.sub(r"[^a-zA-Z0-9_]", "_", key).removesuffix("_total")
+                kind = "counter" if key.endswith("_total") else "gauge"
+                doc = f"The engine's {key!r} statistic."
+            full = f"{PREFIX}_{name}"
+            if full in emitted:
+                continue
+            metric: Metric | None
+            if kind == "histogram":
+                metric = _batch_histogram(full, doc, value)
+            elif (number := _number(value)) is None:
+                metric = None
+            elif kind == "counter":
+                metric = CounterMetricFamily(full, doc, value=number)
+            else:
+                metric = GaugeMetricFamily(full, doc, value=number)
+            if metric is not None:
+                emitted.add(full)
+                yield metric
+
+
+class Metrics:
+    """One app's registry and the metrics its middleware records."""
+
+    def __init__(self, state: Any) -> None:
+        self.registry = CollectorRegistry()
+        labels = ("method", "route", "status")
+        self.requests = Counter(
+            f"{PREFIX}_http_requests",
+            "HTTP requests answered, by route template, method and status.",
+            labels,
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            f"{PREFIX}_http_request_duration_seconds",
+            "From a request's arrival to the last byte of its answer.",
+            ("method", "route"),
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_progress = Gauge(
+            f"{PREFIX}_http_requests_in_progress",
+            "Requests being answered now.",
+            registry=self.registry,
+        )
+        self.first_word = Histogram(
+            f"{PREFIX}_time_to_first_word_seconds",
+            "From a streaming request's arrival to its first event (its first word).",
+            ("route",),
+            buckets=FIRST_WORD_BUCKETS,
+            registry=self.registry,
+        )
+        ProcessCollector(registry=self.registry)
+        self.registry.register(ServiceCollector(state))
+
+    def render(self, accept: str | None) -> tuple[bytes, str]:
+        """The exposition, in the format the scraper asked for (text or OpenMetrics)."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
+
+
+class MetricsMiddleware:
+    """Records each HTTP request in `Metrics` (status 500 when a handler raised)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        metrics = self.metrics
+        started = time.perf_counter()
+        status = 499  # nginx's "client closed the request": nothing was answered
+        streaming = False
+        first_word: float | None = None
+
+        async def record(message: Message) -> None:
+            nonlocal status, streaming, first_word
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                content_type = dict(message.get("headers", [])).get(b"content-type", b"")
+                streaming = content_type.startswith(b"text/event-stream")
+            elif streaming and first_word is None and message.get("body"):
+                first_word = time.perf_counter() - started
+            await send(message)
+
+        metrics.in_progress.inc()
+        try:
+            await self.app(scope, receive, record)
+        except Exception:
+            status = 500
+            raise
+        finally:
+            metrics.in_progress.dec()
+            route = getattr(scope.get("route"), "path", None) or UNMATCHED
+            method = scope["method"]
+            metrics.requests.labels(method, route, str(status)).inc()
+            metrics.latency.labels(method, route).observe(time.perf_counter() - started)
+            if first_word is not None:
+                metrics.first_word.labels(route).observe(first_word)
+
+
+router = APIRouter(tags=["status"])
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    summary="Prometheus metrics",
+)
+async def metrics(request: Request) -> Response:
+    """Requests, latencies, time to first word, generated words, the engine's batches and
+    queue, active sessions and the model, in Prometheus' text format (or OpenMetrics when the
+    scraper asks for it)."""
+    body, content_type = request.app.state.metrics.render(request.headers.get("accept"))
+    return Response(body, media_type=content_type)

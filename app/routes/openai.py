@@ -1,0 +1,151 @@
+"""``/v1/completions`` and ``/v1/models``: the OpenAI-compatible API (see ``app/completions.py``).
+
+Every error on these routes, including a bad body, a missing API key or a model still
+loading, is answered with OpenAI's error body by `OpenAIRoute`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Body, Path, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.models import Example
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from sse_starlette import EventSourceResponse
+from starlette.exceptions import HTTPException
+
+from app.completions import (
+    Completion,
+    CompletionRequest,
+    Completions,
+    Model,
+    ModelList,
+    OpenAIError,
+    OpenAIErrorResponse,
+    check_model,
+    from_api_error,
+    model_card,
+)
+from app.deps import ServiceDep
+from app.errors import ApiError
+from app.errors import _convert as validation_errors
+from app.routes.generate import SHUTDOWN_GRACE_SECONDS, SSE_HEADERS
+
+
+def _error_response(error: OpenAIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+class OpenAIRoute(APIRoute):
+    """A route whose refusals, from validation to authentication, use OpenAI's error body."""
+
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        handler = super().get_route_handler()
+
+        async def openai_handler(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except OpenAIError as exc:
+                return _error_response(exc)
+            except ApiError as exc:
+                return _error_response(from_api_error(exc))
+            except RequestValidationError as exc:
+                status, errors = validation_errors(request, exc)
+                message = "; ".join(f"{f}: {m}" for f, m in errors) or "invalid request"
+                param = errors[0][0] if errors and errors[0][0] != "body" else None
+                error = OpenAIError(400 if status == 422 else status, message, param)
+                return _error_response(error)
+            except HTTPException as exc:
+                return _error_response(OpenAIError(exc.status_code, str(exc.detail)))
+
+        return openai_handler
+
+
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": OpenAIErrorResponse, "description": "The body is invalid: `param` names it."},
+    401: {"model": OpenAIErrorResponse, "description": "A valid API key is required."},
+    404: {"model": OpenAIErrorResponse, "description": "No model has that id."},
+    413: {"model": OpenAIErrorResponse, "description": "The body is too large."},
+    503: {"model": OpenAIErrorResponse, "description": "Not ready or busy: retry later."},
+}
+
+EXAMPLES: dict[str, Example] = {
+    "plain": {
+        "summary": "Continue a prompt",
+        "value": {"prompt": "I can see", "max_tokens": 20, "seed": 42},
+    },
+    "sampling": {
+        "summary": "Top-k, temperature, stop",
+        "value": {
+            "prompt": "The sea",
+            "max_tokens": 30,
+            "temperature": 0.8,
+            "top_k": 10,
+            "n": 2,
+            "stop": ["."],
+        },
+    },
+    "stream": {
+        "summary": "Stream the words",
+        "value": {"prompt": "I can", "max_tokens": 20, "stream": True},
+    },
+}
+
+STREAM_DOC: dict[str, Any] = {
+    "description": (
+        "With `stream: true`: server-sent events, one `text_completion` chunk per word "
+        "(`choices[0].text` is what it adds), a last chunk per choice with its `finish_reason`, "
+        "with `stream_options.include_usage` a chunk with `usage` and no choices, then "
+        "`data: [DONE]`. A failure after the start is a chunk holding `error`."
+    ),
+    "content": {
+        "text/event-stream": {
+            "schema": {"type": "string"},
+            "example": 'data: {"id":"cmpl-...","object":"text_completion","choices":'
+            '[{"index":0,"text":" the","logprobs":null,"finish_reason":null}]}\n\n'
+            "data: [DONE]\n\n",
+        }
+    },
+}
+
+
+@router.post(
+    "/completions",
+    response_model=Completion,
+    response_model_exclude_none=True,
+    responses={200: STREAM_DOC, **ERRORS},
+    summary="Create a completion (OpenAI-compatible)",
+)
+async def create_completion(
+    req: Annotated[CompletionRequest, Body(openapi_examples=EXAMPLES)], service: ServiceDep
+) -> Completion | EventSourceResponse:
+    """OpenAI's completions API on this model: point an OpenAI client at `.../v1`."""
+    completions = Completions(service, req)
+    if req.stream:
+        stopping = anyio.Event()
+        return EventSourceResponse(
+            await completions.stream(stopping),
+            headers=SSE_HEADERS,
+            sep="\n",
+            shutdown_event=stopping,
+            shutdown_grace_period=SHUTDOWN_GRACE_SECONDS,
+        )
+    return await completions.create()
+
+
+@router.get("/models", response_model=ModelList, responses=ERRORS, summary="List the models")
+async def list_models(service: ServiceDep) -> ModelList:
+    """The one model this server serves."""
+    return ModelList(data=[model_card(service)])
+
+
+@router.get("/models/{model}", response_model=Model, responses=ERRORS, summary="Show a model")
+async def get_model(model: Annotated[str, Path(max_length=200)], service: ServiceDep) -> Model:
+    check_model(service, model)
+    return model_card(service)

@@ -1,0 +1,570 @@
+"""Serving under load: the batched engine against the naive one and the HTTP ceiling, one run.
+
+    python -m bench.serve_load                        # about 5 minutes on 2 cores
+    python -m bench.serve_load --requests 300         # a quicker, noisier run
+
+Needs Debian's ``hey`` load generator (``apt-get install hey``): on two cores a Python async
+client saturates long before the server does, so it would measure itself.
+
+The model is the built-in default one: ``--run-dir`` (default ``runs/default``, what ``make
+serve`` trains). When that folder holds no run, one is trained the same way (``python -m
+training --corpus builtin:shakespeare --preset lstm``) for ``--train-minutes`` (default 5)
+into ``--cache-dir`` (default ``~/.cache/wordrnn/bench-default``) and reused next time.
+
+Three servers are started in turn, each the real thing (``python -m app``, uvicorn, HTTP on
+127.0.0.1, log level warning so that no access log is written):
+
+- ``batched``: ``--engine batched`` (continuous batching), ``POST /generate``;
+- ``naive``: ``--engine naive`` (each request alone, the lab's way), ``POST /generate``;
+- ``http``: ``--bench-noop``, ``POST /bench/generate-noop``: the same validation and a reply
+  of the same shape and size with no model work, the HTTP ceiling.
+
+Each is driven by ``hey`` at each ``--concurrency`` (default 1, 8, 32, 64, 128) with
+``--requests`` requests of 25 words each, sent in ``--rounds`` rounds (each rounded up to a
+multiple of the concurrency) that take turns on the three servers, so that drift on a shared
+machine hits them alike; reported: requests/s, generated words/s, p50/p95/p99 latency,
+errors (non-200 answers and failed connections) and the server's peak RSS. A small async
+client then opens ``--stream-requests`` streams at concurrency 64 on the two engines and
+times the first word (it shares the two cores, so it adds its own delay).
+
+``COMPUTE`` is the model's own batched step (``model_store.sampling``: output layer,
+sampling, RNN cell) at batch 64, timed alone in this process before any server starts, in
+words/s. The combined ceiling is ``1 / (1 / HTTP + 1 / COMPUTE)``, ``HTTP`` being the no-op
+server's words/s at concurrency 64: both share the same cores, so per word the engine should
+add little beyond them. Targets, each a ratio within this run: at concurrency 64 batched
+>= 8x naive words/s and >= 60% of the combined ceiling; at concurrency 1 batched p50 <= 1.2x
+naive; at concurrency 128 batched has no errors and a p99 under 2 s.
+
+Writes ``--out`` (default ``bench/results/serve_load.json``) and a PNG chart next to it, and
+prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import io
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results" / "serve_load.json"
+DEFAULT_CACHE = Path.home() / ".cache" / "wordrnn" / "bench-default"
+WORDS = 25
+BODY = {"seed_words": "I can see", "max_words": WORDS}
+MODES = ("batched", "naive", "http")
+COMPUTE_BATCH = 64
+
+
+class BenchError(Exception):
+    """Something the benchmark needs is missing or broke; the message says what."""
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.serve_load",
+        description="Throughput and latency of the server under load: batched engine, naive "
+        "engine and the HTTP ceiling, in one run.",
+    )
+    parser.add_argument("--run-dir", type=Path, default=REPO / "runs" / "default")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    parser.add_argument("--train-minutes", type=float, default=5.0)
+    parser.add_argument("--concurrency", default="1,8,32,64,128")
+    parser.add_argument("--requests", type=int, default=1000, help="per concurrency level")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="each level's requests split into rounds"
+    )
+    parser.add_argument("--stream-requests", type=int, default=256)
+    parser.add_argument("--modes", default=",".join(MODES), help="a subset of " + ",".join(MODES))
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="WORDRNN_TORCH_THREADS for the servers (default: the server's default)",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    return parser.parse_args(argv)
+
+
+# -- the model -------------------------------------------------------------------------------
+
+
+def model_dir(args: argparse.Namespace) -> Path:
+    """``--run-dir`` when it holds a run; else a default model trained once into the cache."""
+    if (args.run_dir / "manifest.json").is_file():
+        return Path(args.run_dir)
+    cached = Path(args.cache_dir)
+    if (cached / "manifest.json").is_file():
+        return cached
+    print(
+        f"no run in {args.run_dir}: training the default model for {args.train_minutes:g} "
+        f"minutes into {cached}",
+        file=sys.stderr,
+    )
+    command = [
+        sys.executable, "-m", "training", "--corpus", "builtin:shakespeare", "--out", str(cached),
+        "--preset", "lstm", "--max-minutes", str(args.train_minutes), "--quiet",
+    ]  # fmt: skip
+    if subprocess.run(command, cwd=REPO, check=False).returncode != 0:
+        raise BenchError("training the default model failed (see above)")
+    return cached
+
+
+def compute_words_per_second(run_dir: Path, batch: int = COMPUTE_BATCH) -> dict[str, Any]:
+    """The model's own batched step, alone: logits, sampling, RNN cell, at ``batch`` rows.
+
+    Timed with one torch thread and with torch's default; the best is COMPUTE (the higher
+    it is, the harder the ceiling target)."""
+    from model_store import checkpoint
+    from model_store.sampling import (
+        SamplingParams,
+        advance,
+        make_generator,
+        next_logits,
+        prime,
+        sample,
+    )
+
+    loaded = checkpoint.load(run_dir, "cpu")
+    model, vocab = loaded.model, loaded.vocab
+    banned = list(vocab.special_ids)
+    seed = vocab.encode_lenient(vocab.tokenize(str(BODY["seed_words"])))[0]
+    params = [SamplingParams()] * batch
+    generators = [make_generator(i) for i in range(batch)]
+    default_threads = torch.get_num_threads()
+    by_threads: dict[str, float] = {}
+    with torch.inference_mode():
+        hidden = prime(model, [seed] * batch, vocab.bos_id)
+        for threads in sorted({1, default_threads}):
+            torch.set_num_threads(threads)
+            best = 0.0
+            for _ in range(3):  # best of three rounds of a few hundred steps
+                steps, started = 0, time.perf_counter()
+                while (elapsed := time.perf_counter() - started) < 2.0:
+                    ids = sample(next_logits(model, hidden), params, generators, banned)
+                    hidden = advance(model, hidden, ids)
+                    steps += 1
+                best = max(best, steps * batch / elapsed)
+            by_threads[str(threads)] = best
+    torch.set_num_threads(default_threads)
+    return {
+        "batch": batch,
+        "words_per_second": max(by_threads.values()),
+        "by_torch_threads": by_threads,
+        "architecture": loaded.config.to_json(),
+        "vocab_size": len(vocab),
+    }
+
+
+def best_compute(*runs: dict[str, Any]) -> dict[str, Any]:
+    """The best of several COMPUTE measurements (before and after the load runs)."""
+    best = dict(max(runs, key=lambda r: float(r["words_per_second"])))
+    best["runs"] = [r["by_torch_threads"] for r in runs]
+    return best
+
+
+# -- the servers -----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    """``python -m app`` in a subprocess on a free port, its log in a temporary file."""
+
+    def __init__(self, run_dir: Path, mode: str, logdir: Path, threads: int | None) -> None:
+        self.port = free_port()
+        self.log_path = logdir / f"server-{mode}.log"
+        engine = "naive" if mode == "naive" else "batched"
+        command = [
+            sys.executable, "-m", "app", "--model-dir", str(run_dir), "--port", str(self.port),
+            "--device", "cpu", "--log-level", "warning", "--engine", engine,
+        ]  # fmt: skip
+        if mode == "http":
+            command.append("--bench-noop")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WORDRNN_")}
+        if threads is not None:
+            env["WORDRNN_TORCH_THREADS"] = str(threads)
+        with self.log_path.open("w") as log:
+            self.process = subprocess.Popen(
+                command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.path = "/bench/generate-noop" if mode == "http" else "/generate"
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        with httpx.Client(base_url=self.url, timeout=5) as http:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise BenchError(f"the server exited:\n{self.log_tail()}")
+                try:
+                    if http.get("/readyz").status_code == 200:
+                        reply = http.post(self.path, json=BODY)
+                        if reply.status_code != 200 or len(reply.json()["words"]) != WORDS:
+                            raise BenchError(f"unexpected reply: {reply.text[:300]}")
+                        return
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.2)
+        raise BenchError(f"the server was not ready after {timeout:g} s:\n{self.log_tail()}")
+
+    def peak_rss_mib(self) -> float | None:
+        try:
+            status = Path(f"/proc/{self.process.pid}/status").read_text()
+        except OSError:
+            return None
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def log_tail(self) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-20:])
+
+
+# -- load ------------------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+@dataclass
+class Load:
+    """What ``hey`` saw at one concurrency, over one or more rounds."""
+
+    concurrency: int
+    sent: int = 0
+    latencies: list[float] = field(default_factory=list)  # seconds, every answer
+    ok: int = 0
+    seconds: float = 0.0  # from the first request sent to the last answer, summed over rounds
+    rounds: list[dict[str, float]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        busy = self.seconds
+        return {
+            "concurrency": self.concurrency,
+            "requests": self.sent,
+            "ok": self.ok,
+            "errors": self.sent - self.ok,
+            "seconds": busy,
+            "requests_per_second": self.ok / busy if busy else 0.0,
+            "words_per_second": self.ok * WORDS / busy if busy else 0.0,
+            "p50_ms": _ms(percentile(self.latencies, 50)),
+            "p95_ms": _ms(percentile(self.latencies, 95)),
+            "p99_ms": _ms(percentile(self.latencies, 99)),
+            "rounds": self.rounds,
+        }
+
+
+def run_hey(hey: str, url: str, load: Load, requests: int) -> None:
+    """One round of ``hey`` at ``load.concurrency``, added to ``load``.
+
+    hey's CSV has one row per answered request (status, response time, start offset); a
+    request that got no answer at all has no row and counts as an error.
+    """
+    concurrency = load.concurrency
+    total = -(-requests // concurrency) * concurrency  # hey sends (n // c) * c
+    command = [
+        hey, "-n", str(total), "-c", str(concurrency), "-t", "60", "-m", "POST",
+        "-T", "application/json", "-d", json.dumps(BODY), "-o", "csv", url,
+    ]  # fmt: skip
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise BenchError(f"hey failed: {done.stderr.strip()[:500]}")
+    rows = list(csv.DictReader(io.StringIO(done.stdout)))
+    ok = sum(1 for r in rows if r["status-code"] == "200")
+    ends = [float(r["offset"]) + float(r["response-time"]) for r in rows]
+    busy = (max(ends) - min(float(r["offset"]) for r in rows)) if rows else wall
+    load.sent += total
+    load.ok += ok
+    load.seconds += busy
+    load.latencies += [float(r["response-time"]) for r in rows]
+    load.rounds.append({"ok": ok, "seconds": busy, "load_average": os.getloadavg()[0]})
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
+
+
+async def time_to_first_word(url: str, concurrency: int, count: int) -> dict[str, Any]:
+    """Stream ``count`` generations, ``concurrency`` at a time: when does the first word come?"""
+    body = {**BODY, "stream": True}
+    firsts: list[float] = []
+    totals: list[float] = []
+    errors = 0
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(count):
+        queue.put_nowait(i)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async def worker(http: httpx.AsyncClient) -> None:
+        nonlocal errors
+        while not queue.empty():
+            queue.get_nowait()
+            started = time.perf_counter()
+            first = None
+            try:
+                async with http.stream("POST", "/generate", json=body) as response:
+                    if response.status_code != 200:
+                        errors += 1
+                        await response.aread()
+                        continue
+                    async for chunk in response.aiter_raw():
+                        if first is None and b"event: word" in chunk:
+                            first = time.perf_counter() - started
+            except httpx.HTTPError:
+                errors += 1
+                continue
+            if first is None:
+                errors += 1
+                continue
+            firsts.append(first)
+            totals.append(time.perf_counter() - started)
+
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
+        await asyncio.gather(*(worker(http) for _ in range(concurrency)))
+    return {
+        "concurrency": concurrency,
+        "streams": count,
+        "errors": errors,
+        "first_word_p50_ms": _ms(percentile(firsts, 50)),
+        "first_word_p95_ms": _ms(percentile(firsts, 95)),
+        "first_word_p99_ms": _ms(percentile(firsts, 99)),
+        "stream_p50_ms": _ms(percentile(totals, 50)),
+    }
+
+
+def bench_servers(
+    run_dir: Path, hey: str, args: argparse.Namespace, modes: list[str], logdir: Path
+) -> dict[str, Any]:
+    """Start every server, then drive each concurrency level in ``--rounds`` rounds, each
+    round on every server in turn, so that drift on a shared machine hits all of them alike;
+    streams last, then the peak RSS."""
+    levels = [int(c) for c in args.concurrency.split(",")]
+    servers = {mode: Server(run_dir, mode, logdir, args.torch_threads) for mode in modes}
+    out: dict[str, Any] = {mode: {"levels": []} for mode in modes}
+    try:
+        for server in servers.values():
+            server.wait_ready()
+            run_hey(hey, server.url + server.path, Load(8), 200)  # warm-up
+        for concurrency in levels:
+            loads = {mode: Load(concurrency) for mode in modes}
+            for _ in range(args.rounds):
+                for mode, server in servers.items():
+                    url = server.url + server.path
+                    run_hey(hey, url, loads[mode], -(-args.requests // args.rounds))
+            for mode in modes:
+                level = loads[mode].summary()
+                print(f"  {mode:8} c={concurrency:<4} {_line(level)}", file=sys.stderr)
+                out[mode]["levels"].append(level)
+        for mode, server in servers.items():
+            if mode != "http" and args.stream_requests:
+                stream = asyncio.run(time_to_first_word(server.url, 64, args.stream_requests))
+                print(f"  {mode:8} streams c=64 {stream}", file=sys.stderr)
+                out[mode]["stream"] = stream
+        for mode, server in servers.items():
+            out[mode]["peak_rss_mib"] = server.peak_rss_mib()
+        return out
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+def _line(level: dict[str, Any]) -> str:
+    return (
+        f"{level['requests_per_second']:8.1f} req/s {level['words_per_second']:9.0f} words/s "
+        f"p50 {level['p50_ms']:7.1f} p99 {level['p99_ms']:7.1f} ms errors {level['errors']}"
+    )
+
+
+# -- the report ------------------------------------------------------------------------------
+
+
+def level_of(results: dict[str, Any], mode: str, concurrency: int) -> dict[str, Any] | None:
+    for level in results.get(mode, {}).get("levels", []):
+        if level["concurrency"] == concurrency:
+            return level  # type: ignore[no-any-return]
+    return None
+
+
+def targets(results: dict[str, Any], compute: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    batched64 = level_of(results, "batched", 64)
+    naive64 = level_of(results, "naive", 64)
+    http64 = level_of(results, "http", 64)
+    if batched64 and naive64:
+        ratio = batched64["words_per_second"] / max(naive64["words_per_second"], 1e-9)
+        out["c64_batched_over_naive"] = {"value": ratio, "target": ">= 8", "met": ratio >= 8}
+    if batched64 and http64:
+        http = http64["words_per_second"]
+        comp = compute["words_per_second"]
+        ceiling = 1 / (1 / http + 1 / comp)
+        share = batched64["words_per_second"] / ceiling
+        out["c64_combined_ceiling_words_per_second"] = ceiling
+        out["c64_batched_share_of_ceiling"] = {
+            "value": share,
+            "target": ">= 0.6",
+            "met": share >= 0.6,
+        }
+    batched1, naive1 = level_of(results, "batched", 1), level_of(results, "naive", 1)
+    if batched1 and naive1:
+        ratio = batched1["p50_ms"] / naive1["p50_ms"]
+        out["c1_p50_batched_over_naive"] = {"value": ratio, "target": "<= 1.2", "met": ratio <= 1.2}
+    batched128 = level_of(results, "batched", 128)
+    if batched128:
+        met = batched128["errors"] == 0 and batched128["p99_ms"] < 2000
+        out["c128_batched_errors_and_p99"] = {
+            "errors": batched128["errors"],
+            "p99_ms": batched128["p99_ms"],
+            "target": "0 errors, p99 < 2000 ms",
+            "met": met,
+        }
+    stream = results.get("batched", {}).get("stream")
+    if stream:
+        out["c64_batched_first_word_p50_ms"] = stream["first_word_p50_ms"]
+    return out
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = [
+        "| server | concurrency | requests/s | words/s | p50 ms | p95 ms | p99 ms | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for mode in MODES:
+        for level in results.get(mode, {}).get("levels", []):
+            lines.append(
+                f"| {mode} | {level['concurrency']} | {level['requests_per_second']:.0f} | "
+                f"{level['words_per_second']:.0f} | {level['p50_ms']:.1f} | "
+                f"{level['p95_ms']:.1f} | {level['p99_ms']:.1f} | {level['errors']} |"
+            )
+    return "\n".join(lines)
+
+
+def chart(results: dict[str, Any], ceiling: float | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for mode, style in zip(MODES, ("o-", "s-", "^--"), strict=True):
+        levels = results.get(mode, {}).get("levels", [])
+        if not levels:
+            continue
+        xs = [lv["concurrency"] for lv in levels]
+        label = {"http": "HTTP ceiling (no-op)"}.get(mode, f"{mode} engine")
+        left.plot(xs, [lv["words_per_second"] for lv in levels], style, label=label)
+        right.plot(xs, [lv["p99_ms"] for lv in levels], style, label=label)
+    if ceiling:
+        left.axhline(ceiling, color="grey", linestyle=":", label="combined ceiling (c=64)")
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.grid(alpha=0.3)
+    left.set_yscale("log")
+    left.set_ylabel("generated words/s")
+    right.set_yscale("log")
+    right.set_ylabel("p99 latency (ms)")
+    left.legend(fontsize=8)
+    fig.suptitle(f"POST /generate, {WORDS} words per request")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    hey = shutil.which("hey")
+    if hey is None:
+        print(
+            "error: this benchmark needs the `hey` load generator on PATH (Debian/Ubuntu: "
+            "apt-get install hey); a Python client would saturate before the server does",
+            file=sys.stderr,
+        )
+        return 2
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        print(f"error: unknown --modes {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    try:
+        run_dir = model_dir(args)
+        print(f"model: {run_dir}", file=sys.stderr)
+        before = compute_words_per_second(run_dir)
+        print(f"COMPUTE: {before['by_torch_threads']} words/s at batch {COMPUTE_BATCH} "
+              "(by torch threads)", file=sys.stderr)  # fmt: skip
+        load_before = os.getloadavg()
+        with tempfile.TemporaryDirectory(prefix="serve-load-") as logdir:
+            results = bench_servers(run_dir, hey, args, modes, Path(logdir))
+        load_after = os.getloadavg()
+        compute = best_compute(before, compute_words_per_second(run_dir))
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    found = targets(results, compute)
+    report = {
+        "command": "python -m bench.serve_load " + " ".join(argv or sys.argv[1:]),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "load_average_before": load_before,
+            "load_average_after": load_after,
+        },
+        "words_per_request": WORDS,
+        "body": BODY,
+        "model": str(run_dir),
+        "compute": compute,
+        "results": results,
+        "targets": found,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    chart(results, found.get("c64_combined_ceiling_words_per_second"), args.out.with_suffix(".png"))
+    print(table(results))
+    print()
+    print(f"COMPUTE (batch {COMPUTE_BATCH}, alone): {compute['words_per_second']:.0f} words/s")
+    for name, value in found.items():
+        print(f"{name}: {json.dumps(value)}")
+    print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,421 @@
+"""The engines: batched equals one-at-a-time, shared steps, drops, the queue, shutdown.
+
+`Batch` is driven step by step here, without threads, against `generate_alone` (the naive
+engine's loop, the lab's way); the engines themselves are driven through their handles, with
+a gate that holds the inference thread inside a step and a fake clock for deadlines, so
+nothing waits on time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Hashable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from app import engine as engine_module
+from app.engine import (
+    Batch,
+    Engine,
+    EngineBusy,
+    EngineClosed,
+    Generation,
+    GenerationCancelled,
+    GenerationJob,
+    GenerationResult,
+    GenerationTimeout,
+    WordEvent,
+    generate_alone,
+)
+from model_store import checkpoint
+from model_store.checkpoint import Checkpoint
+from model_store.network import Hidden
+from model_store.sampling import SamplingParams, prime
+from tests.conftest import build_run
+
+KINDS = pytest.mark.parametrize("kind", ["batched", "naive"])
+
+
+@pytest.fixture(scope="module")
+def lstm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_run(tmp_path_factory.mktemp("lstm") / "run", cell="lstm", layers=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_run: Path, lstm_run: Path) -> dict[str, Checkpoint]:
+    return {"rnn": checkpoint.load(tiny_run, "cpu"), "lstm": checkpoint.load(lstm_run, "cpu")}
+
+
+def job(**fields: Any) -> GenerationJob:
+    """A generation job from the start of a text, with the API's sampling defaults."""
+    values: dict[str, Any] = {
+        "seed_ids": [],
+        "context": [],
+        "params": SamplingParams(),
+        "random_seed": 0,
+        "max_words": 5,
+    }
+    values.update(fields)
+    return GenerationJob(**values)
+
+
+def parts(hidden: Hidden) -> tuple[torch.Tensor, ...]:
+    return hidden if isinstance(hidden, tuple) else (hidden,)
+
+
+# -- batched equals one at a time ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Arrival:
+    step: int  # joins before this step of the batch
+    job: GenerationJob
+
+
+SEED_WORDS = ["I", "can", "see", "the", "sea", ".", "wind", "<nl>", "you", "blue"]
+STOPS = [(), ("e",), ("the",), (" sea", "!"), ("n t",)]
+
+
+@st.composite
+def arrivals(draw: st.DrawFn, loaded: Checkpoint) -> list[Arrival]:
+    vocab, model = loaded.vocab, loaded.model
+    out = []
+    for _ in range(draw(st.integers(1, 7))):
+        seed = draw(st.lists(st.sampled_from(SEED_WORDS), max_size=5))
+        session = draw(st.booleans())
+        history = draw(st.lists(st.sampled_from(SEED_WORDS), max_size=4)) if session else []
+        hidden = prime(model, [vocab.encode_lenient(history)[0]], vocab.bos_id)
+        params = SamplingParams(
+            top_k=draw(st.integers(0, 6)),
+            temperature=draw(st.sampled_from([0.0, 0.5, 1.0, 3.0])),
+            top_p=draw(st.sampled_from([0.3, 0.9, 1.0])),
+            uniform=draw(st.booleans()),
+        )
+        generation = GenerationJob(
+            seed_ids=vocab.encode_lenient(seed)[0],
+            context=[*history, *seed],
+            params=params,
+            random_seed=draw(st.integers(0, 2**53 - 1)),
+            max_words=draw(st.integers(0, 12)),
+            n=1 if session else draw(st.integers(1, 3)),
+            stop=draw(st.sampled_from(STOPS)),
+            hidden=hidden if session else None,
+            keep_state=session,
+            stream=draw(st.booleans()),
+        )
+        out.append(Arrival(draw(st.integers(0, 6)), generation))
+    return out
+
+
+def run_batched(
+    loaded: Checkpoint, plan: list[Arrival]
+) -> tuple[dict[int, GenerationResult], dict[int, list[WordEvent]], list[int]]:
+    """Step a `Batch` by hand: each job joins before its arrival step, in the drawn order."""
+    batch = Batch(loaded.model, loaded.vocab, loaded.vocab.special_ids)
+    results: dict[Hashable, GenerationResult] = {}
+    events: dict[Hashable, list[WordEvent]] = {i: [] for i in range(len(plan))}
+    sizes = []
+    step = 0
+    with torch.inference_mode():
+        while len(results) < len(plan):
+            joining = [(i, a.job) for i, a in enumerate(plan) if a.step == step]
+            updates = batch.join(joining) if joining else []
+            if batch.size:
+                sizes.append(batch.size)
+                updates += batch.step()
+            for update in updates:
+                events[update.key] += update.events
+                if update.result is not None:
+                    results[update.key] = update.result
+            step += 1
+    assert batch.size == 0
+    assert batch.hidden is None
+    return results, events, sizes  # type: ignore[return-value]
+
+
+def run_alone(loaded: Checkpoint, generation: GenerationJob) -> tuple[GenerationResult, list[Any]]:
+    events: list[WordEvent] = []
+    with torch.inference_mode():
+        result = generate_alone(
+            loaded.model, loaded.vocab, generation, loaded.vocab.special_ids, events.extend
+        )
+    return result, events
+
+
+def by_sample(events: list[WordEvent]) -> dict[int, list[WordEvent]]:
+    out: dict[int, list[WordEvent]] = {}
+    for event in events:
+        out.setdefault(event.index, []).append(event)
+    return out
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), cell=st.sampled_from(["rnn", "lstm"]))
+def test_batched_generation_equals_one_at_a_time(
+    models: dict[str, Checkpoint], data: st.DataObject, cell: str
+) -> None:
+    loaded = models[cell]
+    plan = data.draw(arrivals(loaded))
+    results, events, sizes = run_batched(loaded, plan)
+    for i, arrival in enumerate(plan):
+        alone, alone_events = run_alone(loaded, arrival.job)
+        assert results[i].samples == alone.samples, i
+        # The same words stream for each sample; samples of one request may interleave.
+        assert by_sample(events[i]) == by_sample(alone_events), i
+        if arrival.job.keep_state:
+            assert results[i].state is not None
+            assert alone.state is not None
+            for got, want in zip(parts(results[i].state), parts(alone.state), strict=True):
+                assert got.device.type == "cpu"
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    rows = sum(a.job.n * a.job.max_words for a in plan)
+    assert sum(sizes) <= rows  # never a step for a row that had finished
+
+
+def test_rows_of_different_requests_share_each_step(models: dict[str, Checkpoint]) -> None:
+    loaded = models["lstm"]
+    plan = [
+        Arrival(0, job(max_words=6, random_seed=1, n=2)),
+        Arrival(0, job(max_words=3, random_seed=2)),
+        Arrival(2, job(max_words=4, random_seed=3)),
+    ]
+    _, _, sizes = run_batched(loaded, plan)
+    # Steps 0-1: 2 + 1 rows; step 2: the third joins (4) and the short one leaves after it.
+    assert sizes == [3, 3, 4, 3, 3, 3]
+
+
+# -- the engines, on their thread ------------------------------------------------------------
+
+
+class Gate:
+    """Holds the inference thread inside its next model step until the test opens it."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.entered = threading.Event()
+        self.opened = threading.Event()
+        real = engine_module.next_logits
+
+        def gated(model: Any, hidden: Hidden) -> Any:
+            self.entered.set()
+            if not self.opened.wait(timeout=30):
+                raise RuntimeError("the test never opened the gate")
+            return real(model, hidden)
+
+        monkeypatch.setattr(engine_module, "next_logits", gated)
+
+    async def wait_entered(self) -> None:
+        assert await asyncio.to_thread(self.entered.wait, 30), "no step started"
+
+    def open(self) -> None:
+        self.opened.set()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, timeout=60))
+
+
+async def start(run_dir: Path, kind: str, **kwargs: Any) -> Engine:
+    return await Engine.start(run_dir, "cpu", kind=kind, **kwargs)
+
+
+@KINDS
+def test_a_client_that_goes_away_is_dropped_at_the_next_step(tiny_run: Path, kind: str) -> None:
+    async def scenario() -> None:
+        engine = await start(tiny_run, kind)
+        try:
+            endless = engine.submit(job(max_words=10**9, stream=True))
+            words = endless.events()
+            assert isinstance(await anext(words), WordEvent)
+            await words.aclose()  # what the stream does when its client disconnects
+            with pytest.raises(GenerationCancelled):
+                await endless.result()
+            stats = engine.stats()
+            assert stats["active_rows"] == stats["active_requests"] == 0
+            assert stats["cancelled"] == 1
+            assert engine.pending == 0
+            assert len((await engine.submit(job(max_words=3)).result()).samples[0].words) == 3
+        finally:
+            await engine.close()
+
+    run(scenario())
+
+
+@KINDS
+def test_a_request_past_its_deadline_is_dropped_at_the_next_step(
+    tiny_run: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock()
+
+    async def scenario() -> None:
+        engine = await start(tiny_run, kind, timeout_seconds=10, clock=clock)
+        try:
+            gate = Gate(monkeypatch)
+            slow = engine.submit(job(max_words=10**9, random_seed=1))
+            await gate.wait_entered()
+            clock.now += 11  # past the deadline of the running one only
+            quick = engine.submit(job(max_words=4, random_seed=2))
+            gate.open()
+            with pytest.raises(GenerationTimeout, match="within 10 s"):
+                await slow.result()
+            assert len((await quick.result()).samples[0].words) == 4
+            stats = engine.stats()
+            assert stats["expired"] == 1
+            assert stats["active_rows"] == 0
+            assert engine.pending == 0
+        finally:
+            await engine.close()
+
+    run(scenario())
+
+
+@KINDS
+def test_a_queued_request_past_its_deadline_never_starts(
+    tiny_run: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock()
+
+    async def scenario() -> None:
+        engine = await start(tiny_run, kind, timeout_seconds=10, clock=clock, max_batch=1)
+        try:
+            gate = Gate(monkeypatch)
+            first = engine.submit(job(max_words=3))
+            await gate.wait_entered()
+            queued = engine.submit(job(max_words=3))  # no room: max_batch 1 (or naive)
+            generations = engine.stats()["generations"]
+            clock.now += 11  # both have waited 11 s
+            later = engine.submit(job(max_words=3))
+            gate.open()
+            for expired in (first, queued):
+                with pytest.raises(GenerationTimeout):
+                    await expired.result()
+            assert len((await later.result()).samples[0].words) == 3
+            assert engine.stats()["generations"] == generations + 1  # queued never started
+            assert engine.stats()["expired"] == 2
+        finally:
+            await engine.close()
+
+    run(scenario())
+
+
+@KINDS
+def test_a_full_queue_refuses_at_once(
+    tiny_run: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def scenario() -> None:
+        engine = await start(tiny_run, kind, max_pending=3)
+        try:
+            gate = Gate(monkeypatch)
+            held = [engine.submit(job(max_words=2, random_seed=i)) for i in range(2)]
+            await gate.wait_entered()
+            held.append(engine.submit(job(max_words=2)))
+            with pytest.raises(EngineBusy, match="3 requests"):
+                engine.submit(job())
+            with pytest.raises(EngineBusy):
+                await engine.score([2, 3])
+            assert engine.stats()["rejected"] == 2
+            assert engine.stats()["pending"] == 3
+            gate.open()
+            for generation in held:
+                assert len((await generation.result()).samples[0].words) == 2
+            assert engine.pending == 0
+        finally:
+            await engine.close()
+
+    run(scenario())
+
+
+@KINDS
+def test_closing_drains_what_is_in_flight_and_refuses_new_work(
+    tiny_run: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def scenario() -> None:
+        engine = await start(tiny_run, kind)
+        gate = Gate(monkeypatch)
+        running = [engine.submit(job(max_words=20, random_seed=i, stream=True)) for i in range(3)]
+        await gate.wait_entered()
+        engine.stop_accepting()
+        closing = asyncio.create_task(engine.close())
+        with pytest.raises(EngineClosed):
+            engine.submit(job())
+        with pytest.raises(EngineClosed):
+            await engine.next_words([], None, 3)
+        gate.open()
+        for generation in running:
+            streamed = [event.word async for event in generation.events()]
+            result = await generation.result()
+            assert result.samples[0].words == streamed
+            assert len(streamed) == 20
+        await closing
+        assert engine.pending == 0
+
+    run(scenario())
+
+
+def test_concurrent_generations_are_stepped_together(
+    tiny_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs = [job(max_words=8 + i, random_seed=i, n=1 + i % 2) for i in range(5)]
+
+    async def scenario() -> tuple[list[GenerationResult], dict[str, Any]]:
+        engine = await start(tiny_run, "batched")
+        try:
+            gate = Gate(monkeypatch)
+            handles: list[Generation] = [engine.submit(jobs[0])]
+            await gate.wait_entered()
+            handles += [engine.submit(j) for j in jobs[1:]]
+            assert engine.stats()["queue_length"] == 4
+            gate.open()
+            return [await h.result() for h in handles], engine.stats()
+        finally:
+            await engine.close()
+
+    results, stats = run(scenario())
+    rows = sum(j.n for j in jobs)
+    assert max(stats["step_batch_sizes"]) == rows
+    # After the warm-up's 2 steps: the first alone, then every row at the next step.
+    assert stats["recent_batch_sizes"][2:4] == [jobs[0].n, rows]
+    loaded = checkpoint.load(tiny_run, "cpu")
+    for got, generation in zip(results, jobs, strict=True):
+        assert got.samples == run_alone(loaded, generation)[0].samples
+
+
+def test_stats_name_what_metrics_read(tiny_run: Path) -> None:
+    async def scenario() -> dict[str, Any]:
+        engine = await start(tiny_run, "batched", max_batch=16)
+        try:
+            await engine.submit(job(max_words=3, n=2)).result()
+            return engine.stats()
+        finally:
+            await engine.close()
+
+    stats = run(scenario())
+    assert stats["engine"] == "batched"
+    assert stats["queue_length"] == stats["active_rows"] == stats["pending"] == 0
+    assert stats["max_batch"] == 16
+    # The warm-up (1 row, 2 steps), then 2 rows for 3 steps.
+    assert stats["steps_total"] == 5
+    assert stats["rows_stepped_total"] == 8
+    assert stats["step_batch_sizes"] == {1: 2, 2: 3}
+    assert stats["recent_batch_sizes"] == [1, 1, 2, 2, 2]
+    assert stats["generations"] == 2
+    assert stats["words"] == 8
+
+
+def test_an_unknown_engine_is_refused(tiny_run: Path) -> None:
+    with pytest.raises(ValueError, match="batched, naive"):
+        run(start(tiny_run, "turbo"))

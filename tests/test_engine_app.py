@@ -1,0 +1,266 @@
+"""The engines behind the HTTP API: shared steps, a full queue, deadlines, the engine flag,
+and the benchmark's no-op endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from app import engine as engine_module
+from app.__main__ import build_settings, parse_args
+from app.engine import Engine, Generation, GenerationJob
+from app.main import create_app
+from app.settings import Settings
+from model_store.network import Hidden
+from tests.app_helpers import settings_for
+
+
+class Gate:
+    """Holds the inference thread inside its next model step until the test opens it."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.entered = threading.Event()
+        self.opened = threading.Event()
+        real = engine_module.next_logits
+
+        def gated(model: Any, hidden: Hidden) -> Any:
+            self.entered.set()
+            if not self.opened.wait(timeout=30):
+                raise RuntimeError("the test never opened the gate")
+            return real(model, hidden)
+
+        monkeypatch.setattr(engine_module, "next_logits", gated)
+
+    async def wait_entered(self) -> None:
+        assert await asyncio.to_thread(self.entered.wait, 30), "no step started"
+
+
+class Submissions:
+    """Counts the generations handed to the engine; `reached` waits for a count, no polling."""
+
+    def __init__(self, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        self._waiters: list[tuple[int, asyncio.Event]] = []
+        real = engine.submit
+
+        def counting(job: GenerationJob) -> Generation:
+            generation = real(job)
+            self.count += 1
+            for wanted, event in self._waiters:
+                if self.count >= wanted:
+                    event.set()
+            return generation
+
+        monkeypatch.setattr(engine, "submit", counting)
+
+    async def reached(self, wanted: int) -> None:
+        event = asyncio.Event()
+        self._waiters.append((wanted, event))
+        if self.count >= wanted:
+            event.set()
+        await asyncio.wait_for(event.wait(), timeout=30)
+
+
+def client_for(app: FastAPI) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+def test_concurrent_requests_are_served_in_shared_steps(
+    tiny_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bodies = [
+        {"seed_words": "I can see", "max_words": 10, "random_seed": 1},
+        {"seed_words": "the sea", "max_words": 14, "random_seed": 2, "n": 2, "top_k": 3},
+        {"max_words": 12, "random_seed": 3, "temperature": 0},
+        {"seed_words": "you can", "max_words": 9, "random_seed": 4, "stop": "."},
+        {"seed_words": "the wind", "max_words": 11, "random_seed": 5, "top_p": 0.5},
+    ]
+    app = create_app(settings_for(tiny_run))
+
+    async def scenario() -> tuple[list[httpx.Response], list[httpx.Response], dict[str, Any]]:
+        async with LifespanManager(app) as manager, client_for(manager.app) as http:
+            engine: Engine = app.state.service.engine
+            alone = [await http.post("/generate", json=body) for body in bodies]
+            before = engine.stats()
+            submitted = Submissions(engine, monkeypatch)
+            gate = Gate(monkeypatch)
+            tasks = [asyncio.create_task(http.post("/generate", json=b)) for b in bodies]
+            await submitted.reached(len(bodies))
+            await gate.wait_entered()
+            gate.opened.set()
+            together = list(await asyncio.gather(*tasks))
+            after = engine.stats()
+        steps = after["recent_batch_sizes"][len(before["recent_batch_sizes"]) :]
+        return alone, together, {"steps": steps, "before": before, "after": after}
+
+    alone, together, seen = asyncio.run(scenario())
+    for one, many in zip(alone, together, strict=True):
+        assert one.status_code == many.status_code == 200
+        assert many.json() == one.json()
+    rows = sum(b.get("n", 1) for b in bodies)
+    words = sum(len(s["words"]) for r in together for s in r.json()["samples"])
+    # Everything that was queued behind the first step joined the second one, together.
+    assert max(seen["steps"]) == rows
+    assert seen["after"]["steps_total"] - seen["before"]["steps_total"] < words / 2
+    assert seen["after"]["rows_stepped_total"] - seen["before"]["rows_stepped_total"] == words
+
+
+def test_a_full_queue_answers_503_at_once_with_retry_after(
+    tiny_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = create_app(settings_for(tiny_run, max_pending=3))
+
+    async def scenario() -> None:
+        async with LifespanManager(app) as manager, client_for(manager.app) as http:
+            engine: Engine = app.state.service.engine
+            submitted = Submissions(engine, monkeypatch)
+            gate = Gate(monkeypatch)
+            held = [
+                asyncio.create_task(http.post("/generate", json={"max_words": 4})) for _ in range(3)
+            ]
+            await submitted.reached(3)
+            await gate.wait_entered()
+            # The model is held inside a step: these are answered without waiting for it.
+            refused = await http.post("/generate", json={"max_words": 4})
+            refused_stream = await http.post("/generate", json={"max_words": 4, "stream": True})
+            health = await http.get("/healthz")
+            assert not gate.opened.is_set()
+            gate.opened.set()
+            done = await asyncio.gather(*held)
+        for response in (refused, refused_stream):
+            assert response.status_code == 503
+            assert response.headers["retry-after"] == "1"
+            assert "busy" in response.json()["detail"]
+        assert health.status_code == 200
+        assert [r.status_code for r in done] == [200, 200, 200]
+        assert engine.stats()["rejected"] == 2
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("engine", ["batched", "naive"])
+def test_a_generation_past_its_deadline_is_a_504(
+    tiny_run: Path, engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [1000.0]
+    real_start = Engine.start
+
+    async def start_with_clock(*args: Any, **kwargs: Any) -> Engine:
+        return await real_start(*args, **kwargs, clock=lambda: now[0])
+
+    monkeypatch.setattr(Engine, "start", start_with_clock)
+    settings = settings_for(tiny_run, engine=engine, max_words=10**9, request_timeout_seconds=5)
+    app = create_app(settings)
+
+    async def scenario() -> None:
+        async with LifespanManager(app) as manager, client_for(manager.app) as http:
+            gate = Gate(monkeypatch)
+            endless = asyncio.create_task(http.post("/generate", json={"max_words": 10**9}))
+            await gate.wait_entered()
+            now[0] += 6
+            gate.opened.set()
+            response = await endless
+            assert response.status_code == 504
+            assert "within 5 s" in response.json()["detail"]
+            assert app.state.service.engine.stats()["active_rows"] == 0
+
+    asyncio.run(scenario())
+
+
+def test_both_engines_give_the_same_text(tiny_run: Path) -> None:
+    body = {"seed_words": "I can", "max_words": 20, "random_seed": 8, "n": 3, "stop": "!"}
+    answers = {}
+    for engine in ("batched", "naive"):
+        with TestClient(create_app(settings_for(tiny_run, engine=engine))) as client:
+            answers[engine] = client.post("/generate", json=body).json()
+            info = client.get("/info").json()
+            assert info["served"]["generations"] == 2
+    assert answers["batched"] == answers["naive"]
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("WORDRNN_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_the_engine_is_chosen_by_flag_or_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert build_settings(parse_args(["--model-dir", "r"])).engine == "batched"
+    assert build_settings(parse_args(["--model-dir", "r", "--engine", "naive"])).engine == "naive"
+    monkeypatch.setenv("WORDRNN_ENGINE", "naive")
+    assert Settings(model_dir=Path("r")).engine == "naive"
+    assert build_settings(parse_args(["--model-dir", "r", "--engine", "batched"])).engine == (
+        "batched"
+    )
+    with pytest.raises(SystemExit):
+        parse_args(["--engine", "turbo"])
+    assert build_settings(parse_args(["--model-dir", "r"])).bench_noop is False
+    assert build_settings(parse_args(["--model-dir", "r", "--bench-noop"])).bench_noop is True
+
+
+def test_the_no_op_endpoint_exists_only_when_asked_for(tiny_run: Path) -> None:
+    body = {"seed_words": "I can see", "max_words": 25, "n": 2}
+    with TestClient(create_app(settings_for(tiny_run))) as client:
+        assert client.post("/bench/generate-noop", json=body).status_code == 404
+        real = client.post("/generate", json=body).json()
+    with TestClient(create_app(settings_for(tiny_run, bench_noop=True))) as client:
+        noop = client.post("/bench/generate-noop", json=body)
+        invalid = client.post("/bench/generate-noop", json={"max_words": -1})
+        schema = client.get("/openapi.json").json()
+        stats = client.app.state.service.engine.stats()  # type: ignore[attr-defined]
+    assert noop.status_code == 200
+    assert set(noop.json()) == set(real)
+    assert len(noop.json()["words"]) == 25
+    assert noop.json()["usage"] == real["usage"]
+    assert invalid.status_code == 422
+    assert "/bench/generate-noop" not in schema["paths"]
+    assert stats["generations"] == 1  # the warm-up alone: no model work
+
+
+def test_the_load_benchmark_says_when_hey_is_missing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bench import serve_load
+
+    monkeypatch.setattr(serve_load.shutil, "which", lambda name: None)
+    assert serve_load.main(["--requests", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "needs the `hey` load generator" in err
+    assert "apt-get install hey" in err
+
+
+def test_the_load_benchmark_judges_its_targets_on_ratios() -> None:
+    from bench.serve_load import targets
+
+    def level(concurrency: int, words: float, p50: float, p99: float, errors: int = 0) -> Any:
+        return {
+            "concurrency": concurrency,
+            "words_per_second": words,
+            "p50_ms": p50,
+            "p99_ms": p99,
+            "errors": errors,
+        }
+
+    results = {
+        "batched": {"levels": [level(1, 900, 24, 40), level(64, 8000, 200, 300)]},
+        "naive": {"levels": [level(1, 1000, 22, 38), level(64, 900, 1800, 2000)]},
+        "http": {"levels": [level(64, 25000, 50, 150)]},
+    }
+    found = targets(results, {"words_per_second": 12000})
+    assert found["c64_batched_over_naive"]["met"]  # 8.9x
+    ceiling = 1 / (1 / 25000 + 1 / 12000)
+    assert found["c64_combined_ceiling_words_per_second"] == pytest.approx(ceiling)
+    assert found["c64_batched_share_of_ceiling"]["value"] == pytest.approx(8000 / ceiling)
+    assert found["c1_p50_batched_over_naive"]["value"] == pytest.approx(24 / 22)
+    assert "c128_batched_errors_and_p99" not in found

@@ -1,0 +1,326 @@
+"""The OpenAI-compatible API, driven by the real ``openai`` SDK (in process, over the ASGI app).
+
+Every completion is checked against ``POST /generate`` with the same parameters, so the
+routes are shown to run on the same engine with the parameters mapped as documented.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from tests.app_helpers import settings_for
+
+
+@pytest.fixture(scope="module")
+def client(tiny_run: Path) -> Iterator[TestClient]:
+    app = create_app(settings_for(tiny_run, max_words=60, max_samples=4))
+    with TestClient(app) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def sdk(client: TestClient) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url="http://testserver/v1", api_key="unused", http_client=client, max_retries=0
+    )
+
+
+@pytest.fixture(scope="module")
+def model(client: TestClient) -> str:
+    return str(client.get("/info").json()["model"])
+
+
+def generate(client: TestClient, **body: Any) -> dict[str, Any]:
+    response = client.post("/generate", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def test_models_lists_the_served_model(sdk: openai.OpenAI, model: str) -> None:
+    listed = sdk.models.list()
+    assert [m.id for m in listed.data] == [model]
+    assert listed.data[0].object == "model"
+    assert listed.data[0].owned_by == "wordrnn"
+    assert sdk.models.retrieve(model).id == model
+
+
+def test_an_unknown_model_is_openais_404(sdk: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        sdk.completions.create(model="gpt-4", prompt="I can", max_tokens=3)
+    assert caught.value.status_code == 404
+    body = caught.value.body
+    assert isinstance(body, dict)
+    assert body["code"] == "model_not_found"
+    assert body["param"] == "model"
+    with pytest.raises(openai.NotFoundError):
+        sdk.models.retrieve("gpt-4")
+
+
+def test_a_completion_is_generate_with_openais_names(
+    sdk: openai.OpenAI, client: TestClient, model: str
+) -> None:
+    completion = sdk.completions.create(
+        model=model,
+        prompt="I can see",
+        max_tokens=12,
+        temperature=0.8,
+        top_p=0.9,
+        seed=7,
+        extra_body={"top_k": 5},
+    )
+    plain = generate(
+        client,
+        seed_words="I can see",
+        max_words=12,
+        temperature=0.8,
+        top_p=0.9,
+        random_seed=7,
+        top_k=5,
+    )
+    assert completion.object == "text_completion"
+    assert completion.id.startswith("cmpl-")
+    assert completion.model == model
+    [choice] = completion.choices
+    assert choice.index == 0
+    assert choice.text == plain["generated_text"]
+    assert choice.finish_reason == plain["finish_reason"] == "length"
+    assert choice.logprobs is None
+    assert completion.usage is not None
+    assert completion.usage.prompt_tokens == 3
+    assert completion.usage.completion_tokens == 12
+    assert completion.usage.total_tokens == 15
+
+
+def test_the_run_name_and_no_model_are_accepted(sdk: openai.OpenAI, client: TestClient) -> None:
+    by_name = sdk.completions.create(model="run", prompt="I", max_tokens=4, seed=3)
+    bare = client.post("/v1/completions", json={"prompt": "I", "max_tokens": 4, "seed": 3})
+    assert bare.status_code == 200, bare.text
+    assert bare.json()["choices"][0]["text"] == by_name.choices[0].text
+
+
+def test_top_k_defaults_to_the_whole_vocabulary(
+    sdk: openai.OpenAI, client: TestClient, model: str
+) -> None:
+    completion = sdk.completions.create(model=model, prompt="the sea", max_tokens=20, seed=11)
+    plain = generate(client, seed_words="the sea", max_words=20, random_seed=11, top_k=0)
+    assert completion.choices[0].text == plain["generated_text"]
+
+
+def test_several_prompts_and_samples_are_numbered_prompt_by_prompt(
+    sdk: openai.OpenAI, client: TestClient, model: str
+) -> None:
+    completion = sdk.completions.create(
+        model=model, prompt=["I can", "the sea"], n=2, max_tokens=6, seed=5, stop=["!"]
+    )
+    assert [c.index for c in completion.choices] == [0, 1, 2, 3]
+    for p, prompt in enumerate(["I can", "the sea"]):
+        plain = generate(
+            client, seed_words=prompt, n=2, max_words=6, random_seed=5, top_k=0, stop=["!"]
+        )
+        for sample in plain["samples"]:
+            choice = completion.choices[p * 2 + sample["index"]]
+            assert choice.text == sample["generated_text"]
+            assert choice.finish_reason == sample["finish_reason"]
+    assert completion.usage is not None
+    assert completion.usage.prompt_tokens == 4
+    assert completion.usage.completion_tokens == sum(
+        len(s["words"])
+        for prompt in ("I can", "the sea")
+        for s in generate(
+            client, seed_words=prompt, n=2, max_words=6, random_seed=5, top_k=0, stop=["!"]
+        )["samples"]
+    )
+
+
+def test_stop_ends_a_completion_with_finish_reason_stop(
+    sdk: openai.OpenAI, client: TestClient, model: str
+) -> None:
+    text = generate(client, seed_words="I can", max_words=40, random_seed=2, top_k=0)[
+        "generated_text"
+    ]
+    stop = text[len(text) // 2 : len(text) // 2 + 4]
+    completion = sdk.completions.create(
+        model=model, prompt="I can", max_tokens=40, seed=2, stop=stop
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "stop"
+    assert stop not in choice.text
+    assert text.startswith(choice.text)
+
+
+def test_echo_puts_the_prompt_first(sdk: openai.OpenAI, model: str) -> None:
+    plain = sdk.completions.create(model=model, prompt="I can see", max_tokens=5, seed=9)
+    echoed = sdk.completions.create(
+        model=model, prompt="I can see", max_tokens=5, seed=9, echo=True
+    )
+    assert echoed.choices[0].text == "I can see" + plain.choices[0].text
+
+
+def test_a_stream_adds_up_to_the_completion_and_ends_with_done(
+    sdk: openai.OpenAI, model: str
+) -> None:
+    params: dict[str, Any] = {
+        "model": model,
+        "prompt": ["I can", "the sea"],
+        "n": 2,
+        "max_tokens": 10,
+        "seed": 4,
+        "extra_body": {"top_k": 5},
+    }
+    whole = sdk.completions.create(**params)
+    chunks = list(
+        sdk.completions.create(**params, stream=True, stream_options={"include_usage": True})
+    )
+    texts = dict.fromkeys(range(4), "")
+    finish: dict[int, str | None] = {}
+    for chunk in chunks[:-1]:
+        assert chunk.object == "text_completion"
+        assert chunk.id == chunks[0].id
+        [choice] = chunk.choices
+        texts[choice.index] += choice.text
+        if choice.finish_reason is not None:
+            finish[choice.index] = choice.finish_reason
+    assert texts == {c.index: c.text for c in whole.choices}
+    assert finish == {c.index: c.finish_reason for c in whole.choices}
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage == whole.usage
+
+
+def test_a_stream_is_unbuffered_sse_ending_in_done(client: TestClient) -> None:
+    body = {"prompt": "I can", "max_tokens": 3, "stream": True, "seed": 1}
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.headers["x-accel-buffering"] == "no"
+    frames = response.text.split("\n\n")
+    assert frames[-2:] == ["data: [DONE]", ""]
+    assert all(frame.startswith("data: {") for frame in frames[:-2])
+    assert len(frames[:-2]) == 3 + 1  # one chunk per word, then the finish_reason chunk
+    assert json.loads(frames[-3].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize(
+    ("params", "param"),
+    [
+        ({"max_tokens": 61}, "max_tokens"),
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"n": 5}, "n"),
+        ({"seed": -1}, "seed"),
+        ({"stop": [""]}, "stop"),
+        ({"logprobs": 2}, "logprobs"),
+        ({"suffix": "end"}, "suffix"),
+        ({"best_of": 3}, "best_of"),
+        ({"frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"logit_bias": {"50256": -100}}, "logit_bias"),
+        ({"prompt": [1, 2, 3]}, "prompt"),
+        ({"prompt": ["I can"] * 5}, "prompt"),
+        ({"extra_body": {"top_k": 23}}, "top_k"),  # the tiny vocabulary has 22 words
+        ({"extra_body": {"top_k": -1}}, "top_k"),
+        ({"extra_body": {"bogus": 1}}, "bogus"),
+    ],
+)
+def test_a_bad_request_is_openais_400_naming_the_parameter(
+    sdk: openai.OpenAI, model: str, params: dict[str, Any], param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk.completions.create(**{"model": model, "prompt": "I can", **params})
+    assert caught.value.status_code == 400
+    body = caught.value.body
+    assert isinstance(body, dict)
+    assert set(body) == {"message", "type", "param", "code"}
+    assert body["type"] == "invalid_request_error"
+    assert body["param"] == param
+    assert param in body["message"]
+
+
+def test_a_bad_request_in_a_stream_is_refused_before_it_starts(
+    sdk: openai.OpenAI, model: str
+) -> None:
+    with pytest.raises(openai.BadRequestError):
+        sdk.completions.create(model=model, prompt="I", max_tokens=1000, stream=True)
+
+
+def test_malformed_json_is_openais_400(client: TestClient) -> None:
+    response = client.post(
+        "/v1/completions", content=b'{"prompt": ', headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert "JSON" in error["message"]
+
+
+def test_an_api_key_is_required_when_configured(tiny_run: Path) -> None:
+    app = create_app(settings_for(tiny_run, api_keys="sesame"))
+    with TestClient(app) as client:
+        refused = openai.OpenAI(
+            base_url="http://testserver/v1", api_key="wrong", http_client=client, max_retries=0
+        )
+        with pytest.raises(openai.AuthenticationError) as caught:
+            refused.models.list()
+        assert caught.value.status_code == 401
+        assert isinstance(caught.value.body, dict)
+        assert caught.value.body["type"] == "authentication_error"
+        allowed = openai.OpenAI(
+            base_url="http://testserver/v1", api_key="sesame", http_client=client, max_retries=0
+        )
+        assert allowed.completions.create(model="run", prompt="I", max_tokens=2).choices
+
+
+def test_before_the_model_is_loaded_the_answer_is_openais_503(tiny_run: Path) -> None:
+    client = TestClient(create_app(settings_for(tiny_run)))  # no lifespan: still loading
+    response = client.post("/v1/completions", json={"prompt": "I"})
+    assert response.status_code == 503
+    assert response.headers["retry-after"]
+    assert response.json()["error"]["type"] == "server_error"
+
+
+def test_the_openapi_document_describes_the_routes(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    completions = paths["/v1/completions"]["post"]
+    assert "text/event-stream" in completions["responses"]["200"]["content"]
+    assert "400" in completions["responses"]
+    assert "/v1/models" in paths
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_refused_prompt_of_several_is_named_by_its_position(
+    sdk: openai.OpenAI, model: str, stream: bool
+) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk.completions.create(
+            model=model, prompt=["I can", "the " * 1001], max_tokens=2, stream=stream
+        )
+    body = caught.value.body
+    assert isinstance(body, dict)
+    assert body["param"] == "prompt[1]"
+    assert "at most 1000" in body["message"]
+
+
+def test_a_failure_after_the_stream_started_is_an_error_chunk(
+    client: TestClient, sdk: openai.OpenAI, model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def failing(req: object, stopping: object) -> Any:
+        async def events() -> Any:
+            word = {"index": 0, "word": "the", "text": " the"}
+            yield {"event": "word", "data": json.dumps(word)}
+            stopped = {"detail": "the server is stopping; retry shortly", "errors": []}
+            yield {"event": "error", "data": json.dumps(stopped)}
+
+        return events()
+
+    monkeypatch.setattr(client.app.state.service, "stream", failing)  # type: ignore[attr-defined]
+    stream = sdk.completions.create(model=model, prompt="I", max_tokens=5, stream=True)
+    assert next(stream).choices[0].text == " the"
+    with pytest.raises(openai.APIError, match="stopping"):
+        next(stream)
