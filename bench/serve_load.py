@@ -1,6 +1,6 @@
 """Serving under load: the batched engine against the naive one and the HTTP ceiling, one run.
 
-    python -m bench.serve_load                        # about 5 minutes on 2 cores
+    python -m bench.serve_load                        # about 7 minutes on 2 cores
     python -m bench.serve_load --requests 300         # a quicker, noisier run
 
 Needs Debian's ``hey`` load generator (``apt-get install hey``): on two cores a Python async

@@ -70,7 +70,7 @@ STREAM_DOC: dict[str, Any] = {
 @router.post(
     "/generate",
     response_model=GenerateResponse,
-    responses={200: STREAM_DOC, **errors(400, 401, 404, 409, 413, 422, 503)},
+    responses={200: STREAM_DOC, **errors(400, 401, 404, 409, 413, 422, 503, 504)},
     summary="Generate text",
 )
 async def generate(

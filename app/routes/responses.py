@@ -16,5 +16,6 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         413: "The body is too large.",
         422: "A field is missing, of the wrong type or out of range: `errors` names it.",
         503: "The model is not loaded yet, or is busy: retry after `Retry-After` seconds.",
+        504: "The generation did not finish within the server's time limit.",
     }
     return {s: {"model": ErrorResponse, "description": described[s]} for s in statuses}
