@@ -38,7 +38,7 @@ def torchrun(*argv: str) -> subprocess.CompletedProcess[str]:
         [launcher, "--standalone", "--nproc_per_node=2", "-m", "training", *argv],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
         check=False,
         env=env,
     )
