@@ -383,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     ctx = DistContext()
+    summary: Summary | None = None
     try:
         ctx, device = distributed.setup(args.device)
         reporter = ConsoleReporter() if not args.quiet and ctx.is_main else None
@@ -424,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     finally:
-        distributed.teardown(ctx)
+        distributed.teardown(ctx, clean=summary is not None)
     if ctx.is_main:
         print(_report(summary), file=sys.stderr if args.quiet else sys.stdout)
     return 0

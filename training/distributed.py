@@ -107,6 +107,10 @@ def setup(device_name: str) -> tuple[DistContext, torch.device]:
     return DistContext(rank, world_size, local_rank), device
 
 
-def teardown(ctx: DistContext) -> None:
+def teardown(ctx: DistContext, clean: bool) -> None:
+    """Leave the process group. After a clean run every rank waits for the others first:
+    destroying the group while a peer still works aborts the process (gloo)."""
     if ctx.enabled and dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
