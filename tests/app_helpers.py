@@ -6,13 +6,17 @@ network, so tests check the service's words against the model itself, not agains
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
+from app import engine as engine_module
 from app.settings import Settings
 from model_store import checkpoint
 from model_store.network import Hidden, top_features
@@ -97,3 +101,26 @@ class Replay:
             out.append(int((scores > scores[self.vocab.id_of(word)]).sum()))
             hidden = self.step(hidden, word)
         return out
+
+
+class Gate:
+    """Holds the inference thread inside its next model step until the test opens it."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.entered = threading.Event()
+        self.opened = threading.Event()
+        real = engine_module.next_logits
+
+        def gated(model: Any, hidden: Hidden) -> Any:
+            self.entered.set()
+            if not self.opened.wait(timeout=30):
+                raise RuntimeError("the test never opened the gate")
+            return real(model, hidden)
+
+        monkeypatch.setattr(engine_module, "next_logits", gated)
+
+    async def wait_entered(self) -> None:
+        assert await asyncio.to_thread(self.entered.wait, 30), "no step started"
+
+    def open(self) -> None:
+        self.opened.set()

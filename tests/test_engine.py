@@ -9,7 +9,6 @@ nothing waits on time.
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app import engine as engine_module
 from app.engine import (
     Batch,
     Engine,
@@ -38,6 +36,7 @@ from model_store import checkpoint
 from model_store.checkpoint import Checkpoint
 from model_store.network import Hidden
 from model_store.sampling import SamplingParams, prime
+from tests.app_helpers import Gate
 from tests.conftest import build_run
 
 KINDS = pytest.mark.parametrize("kind", ["batched", "naive"])
@@ -192,29 +191,6 @@ def test_rows_of_different_requests_share_each_step(models: dict[str, Checkpoint
 
 
 # -- the engines, on their thread ------------------------------------------------------------
-
-
-class Gate:
-    """Holds the inference thread inside its next model step until the test opens it."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.entered = threading.Event()
-        self.opened = threading.Event()
-        real = engine_module.next_logits
-
-        def gated(model: Any, hidden: Hidden) -> Any:
-            self.entered.set()
-            if not self.opened.wait(timeout=30):
-                raise RuntimeError("the test never opened the gate")
-            return real(model, hidden)
-
-        monkeypatch.setattr(engine_module, "next_logits", gated)
-
-    async def wait_entered(self) -> None:
-        assert await asyncio.to_thread(self.entered.wait, 30), "no step started"
-
-    def open(self) -> None:
-        self.opened.set()
 
 
 class FakeClock:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,33 +14,11 @@ from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from app import engine as engine_module
 from app.__main__ import build_settings, parse_args
 from app.engine import Engine, Generation, GenerationJob
 from app.main import create_app
 from app.settings import Settings
-from model_store.network import Hidden
-from tests.app_helpers import settings_for
-
-
-class Gate:
-    """Holds the inference thread inside its next model step until the test opens it."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.entered = threading.Event()
-        self.opened = threading.Event()
-        real = engine_module.next_logits
-
-        def gated(model: Any, hidden: Hidden) -> Any:
-            self.entered.set()
-            if not self.opened.wait(timeout=30):
-                raise RuntimeError("the test never opened the gate")
-            return real(model, hidden)
-
-        monkeypatch.setattr(engine_module, "next_logits", gated)
-
-    async def wait_entered(self) -> None:
-        assert await asyncio.to_thread(self.entered.wait, 30), "no step started"
+from tests.app_helpers import Gate, settings_for
 
 
 class Submissions:
