@@ -55,6 +55,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="batched (default): continuous batching, every active request advanced in one "
         "forward pass per step; naive: each request generates alone",
     )
+    parser.add_argument(
+        "--api-key",
+        dest="api_keys",
+        action="append",
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on the model endpoints; repeat for several "
+        "keys (default: WORDRNN_API_KEYS, else none)",
+    )
     # The benchmark's HTTP ceiling (bench/serve_load.py): POST /bench/generate-noop.
     parser.add_argument("--bench-noop", action="store_true", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -70,6 +78,7 @@ FLAGS = (
     "log_format",
     "forwarded_allow_ips",
     "engine",
+    "api_keys",
     "bench_noop",
 )
 

@@ -241,3 +241,9 @@ def test_the_load_benchmark_judges_its_targets_on_ratios() -> None:
     assert found["c64_batched_share_of_ceiling"]["value"] == pytest.approx(8000 / ceiling)
     assert found["c1_p50_batched_over_naive"]["value"] == pytest.approx(24 / 22)
     assert "c128_batched_errors_and_p99" not in found
+
+
+def test_api_keys_from_repeated_flags() -> None:
+    args = parse_args(["--model-dir", "r", "--api-key", "k1", "--api-key", "k2"])
+    keys = [key.get_secret_value() for key in build_settings(args).api_keys]
+    assert keys == ["k1", "k2"]
