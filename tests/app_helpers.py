@@ -104,9 +104,13 @@ class Replay:
 
 
 class Gate:
-    """Holds the inference thread inside its next model step until the test opens it."""
+    """Holds the inference thread inside its next model step until the test opens it.
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    ``install=False`` leaves the model alone until ``install()`` (e.g. after the warm-up).
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, install: bool = True) -> None:
+        self._monkeypatch = monkeypatch
         self.entered = threading.Event()
         self.opened = threading.Event()
         real = engine_module.next_logits
@@ -117,7 +121,12 @@ class Gate:
                 raise RuntimeError("the test never opened the gate")
             return real(model, hidden)
 
-        monkeypatch.setattr(engine_module, "next_logits", gated)
+        self._gated = gated
+        if install:
+            self.install()
+
+    def install(self) -> None:
+        self._monkeypatch.setattr(engine_module, "next_logits", self._gated)
 
     async def wait_entered(self) -> None:
         assert await asyncio.to_thread(self.entered.wait, 30), "no step started"

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 from fastapi.testclient import TestClient
 
-from app import engine as engine_module
 from app.main import create_app
 from model_store import checkpoint
-from model_store.network import Hidden
-from tests.app_helpers import settings_for
+from tests.app_helpers import Gate, settings_for
 from tests.conftest import MakeRun
 
 
@@ -169,34 +165,11 @@ def test_a_proxy_sub_path_works_stripped_or_not(tiny_run: Path) -> None:
         assert client.get("/openapi.json").json()["servers"] == [{"url": "/textgen"}]
 
 
-class Gate:
-    """Holds the inference thread inside its first model step until the test opens it."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.entered = threading.Event()
-        self.opened = threading.Event()
-        real = engine_module.next_logits
-
-        def gated(model: Any, hidden: Hidden) -> Any:
-            self.entered.set()
-            if not self.opened.wait(timeout=30):
-                raise RuntimeError("the test never opened the gate")
-            return real(model, hidden)
-
-        self._install = lambda: monkeypatch.setattr(engine_module, "next_logits", gated)
-
-    def install(self) -> None:
-        self._install()
-
-    async def wait_entered(self) -> None:
-        assert await asyncio.to_thread(self.entered.wait, 30)
-
-
 def test_the_event_loop_answers_while_the_model_works_and_a_full_queue_is_503(
     tiny_run: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     app = create_app(settings_for(tiny_run, max_pending=1))
-    gate = Gate(monkeypatch)
+    gate = Gate(monkeypatch, install=False)
 
     async def scenario() -> None:
         async with LifespanManager(app) as manager:
@@ -208,7 +181,7 @@ def test_the_event_loop_answers_while_the_model_works_and_a_full_queue_is_503(
                 health = await http.get("/healthz")
                 ready = await http.get("/readyz")
                 refused = await http.post("/generate", json={"max_words": 3})
-                gate.opened.set()
+                gate.open()
                 done = await busy
                 again = await http.post("/generate", json={"max_words": 3})
         assert health.status_code == 200
