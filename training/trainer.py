@@ -183,7 +183,8 @@ class Trainer:
         )
         self.progress = Progress()
         self.hidden: Hidden | None = None
-        self.history: list[dict[str, Any]] = []
+        self.history: list[dict[str, Any]] = []  # validation records
+        self.train_losses: list[tuple[int, float]] = []  # (iteration, mean loss), for the plot
         self._stop = _StopFlag()
         self._last_eval_iteration = -1
 
@@ -234,7 +235,7 @@ class Trainer:
             cuda_rng = tensors["rng.cuda"]
             if cuda_rng.shape[0] == self.dist.world_size:
                 torch.cuda.set_rng_state(cuda_rng[self.dist.rank].clone(), self.device)
-        self.history = self._read_history()
+        self._reload_metrics()
         self._last_eval_iteration = self.progress.iteration
 
     def request_stop(self, reason: str = "interrupted") -> None:
@@ -474,11 +475,12 @@ class Trainer:
             iteration=self.progress.iteration,
             info=self._manifest_info(),
         )
-        png = plot_history(self.history, self._read_train_losses())
+        png = plot_history(self.history, self.train_losses)
         checkpoint.atomic_write_bytes(self.run_dir / PLOT_FILE, png)
 
     def _log_train(self, loss: float) -> None:
         p = self.progress
+        self.train_losses.append((p.iteration, loss))
         self._log(
             {
                 "event": "train",
@@ -497,24 +499,18 @@ class Trainer:
         with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
-    def _records(self) -> list[dict[str, Any]]:
+    def _reload_metrics(self) -> None:
+        """On resume: trim the metrics log to the restored position (a killed run may have
+        logged past its last checkpoint) and take back its records for the loss plot."""
         path = self.run_dir / METRICS_FILE
-        if not path.is_file():
-            return []
-        records = []
-        for line in path.read_text(encoding="utf-8").splitlines():
+        lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+        kept = []
+        for line in lines:
             with contextlib.suppress(json.JSONDecodeError):
-                records.append(json.loads(line))
-        return records
-
-    def _read_history(self) -> list[dict[str, Any]]:
-        """Trim the metrics log to the restored position (a killed run may have logged past
-        its last checkpoint) and return its validation records."""
-        kept = [r for r in self._records() if r.get("iteration", 0) <= self.progress.iteration]
-        checkpoint.atomic_write_text(
-            self.run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in kept)
-        )
-        return [r for r in kept if r.get("event") == "valid"]
-
-    def _read_train_losses(self) -> list[tuple[int, float]]:
-        return [(r["iteration"], r["loss"]) for r in self._records() if r.get("event") == "train"]
+                record = json.loads(line)
+                if record.get("iteration", 0) <= self.progress.iteration:
+                    kept.append(record)
+        if self.dist.is_main:
+            checkpoint.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+        self.history = [r for r in kept if r.get("event") == "valid"]
+        self.train_losses = [(r["iteration"], r["loss"]) for r in kept if r.get("event") == "train"]
