@@ -101,43 +101,75 @@ def sample(
 ) -> list[int]:
     """Pick one id per row of (B, V) ``logits``, each row with its own params and generator.
 
-    ``banned_ids`` (typically <unk> and <bos>) are never picked. Works on the top-k
-    candidates only (never a softmax or a multinomial over the whole vocabulary), and
-    draws by ``cumsum`` + ``searchsorted``: both far cheaper at large V.
+    ``banned_ids`` (typically <unk> and <bos>) are never picked. Never a softmax plus a
+    multinomial over the whole vocabulary: a row draws by ``cumsum`` + ``searchsorted``, far
+    cheaper at large V. A row that keeps the whole vocabulary (``top_k`` 0, ``top_p`` 1) draws
+    from it unsorted; the others rank their top-k candidates, in groups, so that one row's
+    sort of the whole vocabulary (``top_k`` 0 with ``top_p`` < 1) is never imposed on rows
+    that keep a few words. A row's word depends only on its logits, params and generator.
     """
     batch, vocab_size = logits.shape
     if not (len(params) == len(generators) == batch):
         raise ValueError("one SamplingParams and one generator per row")
-    ks = [min(p.top_k or vocab_size, vocab_size) for p in params]
-    k_max = max(ks)
     with torch.inference_mode():
         logits = logits.float()
         if banned_ids:
             logits = logits.index_fill(
                 1, torch.tensor(banned_ids, device=logits.device), -torch.inf
             )
-        vals, idx = logits.topk(k_max, dim=-1)  # (B, K) sorted descending
-        device = vals.device
-        temps = torch.tensor([p.temperature or 1.0 for p in params], device=device)
-        # Shift so the best score is 0 before dividing: a tiny temperature then sends the
-        # others to -inf instead of overflowing every score to inf.
-        scaled = (vals - vals[:, :1]) / temps.unsqueeze(1)
-        uniform = torch.tensor([p.uniform for p in params], device=device).unsqueeze(1)
-        scaled = torch.where(uniform & vals.isfinite(), torch.zeros_like(scaled), scaled)
-        rank = torch.arange(k_max, device=device).unsqueeze(0)  # (1, K)
-        keep = rank < torch.tensor(ks, device=device).unsqueeze(1)
-        scaled = scaled.masked_fill(~keep, float("-inf"))
-        probs = torch.softmax(scaled, dim=-1)  # (B, K)
-        top_ps = torch.tensor([p.top_p for p in params], device=device).unsqueeze(1)
+        draws = torch.cat([torch.rand(1, generator=g) for g in generators]).to(logits.device)
+        groups: dict[int, list[int]] = {}  # k (0: the whole vocabulary, unsorted) -> rows
+        for row, p in enumerate(params):
+            groups.setdefault(_candidates(p, vocab_size), []).append(row)
+        if len(groups) == 1:
+            ((k, _),) = groups.items()
+            return _draw(logits, params, draws, k).tolist()  # type: ignore[no-any-return]
+        ids = torch.empty(batch, dtype=torch.long, device=logits.device)
+        for k, rows in groups.items():
+            index = torch.tensor(rows, device=logits.device)
+            ids[index] = _draw(logits[index], [params[r] for r in rows], draws[index], k)
+        return ids.tolist()  # type: ignore[no-any-return]
+
+
+def _candidates(p: SamplingParams, vocab_size: int) -> int:
+    """How many best words a row must rank: 1 for greedy, 0 when it needs no ranking at all
+    (the whole vocabulary, no nucleus), else its top-k (the vocabulary for ``top_k`` 0)."""
+    if p.temperature == 0:
+        return 1
+    k = min(p.top_k or vocab_size, vocab_size)
+    return 0 if k == vocab_size and p.top_p >= 1.0 else k
+
+
+def _draw(logits: Tensor, params: Sequence[SamplingParams], draws: Tensor, k: int) -> Tensor:
+    """One id per row: among the top ``k`` of each row's ranked logits, or among all of them
+    unsorted when ``k`` is 0. ``draws`` holds each row's uniform number."""
+    if k == 0:
+        vals, idx = logits, None
+    else:
+        vals, idx = logits.topk(k, dim=-1)  # (B, k) sorted descending
+        ks = torch.tensor([min(p.top_k or k, k) for p in params], device=vals.device)
+        vals = vals.masked_fill(torch.arange(k, device=vals.device) >= ks.unsqueeze(1), -torch.inf)
+    device = vals.device
+    temps = torch.tensor([p.temperature or 1.0 for p in params], device=device).unsqueeze(1)
+    # Shift so the best score is 0 before dividing: a tiny temperature then sends the others
+    # to -inf instead of overflowing every score to inf.
+    scaled = (vals - vals.amax(dim=-1, keepdim=True)) / temps
+    uniform = torch.tensor([p.uniform for p in params], device=device).unsqueeze(1)
+    scaled = torch.where(uniform & vals.isfinite(), torch.zeros_like(scaled), scaled)
+    weights = scaled.exp()  # (B, K), unnormalised; 0 for the words a row may not pick
+    top_ps = torch.tensor([p.top_p for p in params], device=device).unsqueeze(1)
+    if idx is not None and bool((top_ps < 1).any()):
+        probs = weights / weights.sum(-1, keepdim=True)
         before = probs.cumsum(-1) - probs  # mass of the better-ranked words
-        probs = probs.masked_fill((before >= top_ps) & (rank > 0), 0.0)
-        cdf = probs.cumsum(-1)  # (B, K)
-        draws = torch.cat([torch.rand(1, generator=g) for g in generators]).to(device)
-        target = (draws * cdf[:, -1]).unsqueeze(1)  # (B, 1)
-        choice = torch.searchsorted(cdf, target, right=True).clamp_(max=k_max - 1)
-        greedy = torch.tensor([p.temperature == 0 for p in params], device=device).unsqueeze(1)
-        choice = torch.where(greedy, torch.zeros_like(choice), choice)
-        return idx.gather(1, choice).squeeze(1).tolist()  # type: ignore[no-any-return]
+        rank = torch.arange(k, device=device).unsqueeze(0)
+        weights = weights.masked_fill((before >= top_ps) & (rank > 0), 0.0)
+    cdf = weights.cumsum(-1)
+    target = (draws * cdf[:, -1]).unsqueeze(1)  # (B, 1)
+    choice = torch.searchsorted(cdf, target, right=True)
+    # Rounding may put the target at the total: take the last word a row may pick.
+    last = weights.shape[1] - 1 - (weights > 0).flip(-1).to(torch.int8).argmax(-1, keepdim=True)
+    choice = torch.minimum(choice, last).squeeze(1)
+    return choice if idx is None else idx.gather(1, choice.unsqueeze(1)).squeeze(1)
 
 
 def generate(

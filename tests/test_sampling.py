@@ -146,9 +146,13 @@ def test_the_same_generator_seed_gives_the_same_ids() -> None:
     assert runs[0] == runs[1] != runs[2]
 
 
+# Every way a row can be drawn: ranked top-k, the whole vocabulary unsorted (top_k 0), the
+# whole vocabulary ranked (top_k 0 with a nucleus), uniform, greedy.
 MIXED = [
     SamplingParams(top_k=3),
     SamplingParams(top_k=0, temperature=0.7),
+    SamplingParams(top_k=0, top_p=0.8),
+    SamplingParams(top_k=0, uniform=True),
     SamplingParams(top_k=12, uniform=True),
     SamplingParams(top_k=6, top_p=0.6),
     SamplingParams(temperature=0),
