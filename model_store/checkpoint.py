@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import re
+import reprlib
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -189,20 +190,36 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def _brief(value: object) -> str:
+    """``repr(value)``, shortened: messages quote what a damaged file holds, which may be huge."""
+    return reprlib.repr(value)
+
+
+def _parse_json(path: Path, data: bytes | str, what: str) -> Any:
+    """Parse a JSON document from ``path``; any failure is a CheckpointError naming the file."""
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(path, f"{what} is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise CheckpointError(path, f"{what} is nested too deeply to be read") from None
+
+
 def read_manifest(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / MANIFEST_FILE
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(path, "missing: this is not a run folder") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(path, f"unreadable manifest ({exc})") from None
+    except OSError as exc:
+        raise CheckpointError(path, f"unreadable manifest ({exc.strerror})") from None
+    data = _parse_json(path, raw, "the manifest")
     if not isinstance(data, dict) or not isinstance(data.get("files"), dict):
         raise CheckpointError(path, "not a run manifest (no 'files' table)")
     if data.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             path,
-            f"unsupported format_version {data.get('format_version')!r} "
+            f"unsupported format_version {_brief(data.get('format_version'))} "
             f"(this version reads {FORMAT_VERSION})",
         )
     return data
@@ -297,7 +314,7 @@ def _remove_stale(run_dir: Path, live: set[str]) -> None:
 
 def _read_verified(run_dir: Path, manifest: Mapping[str, Any], name: str) -> bytes:
     if not isinstance(name, str) or not _MANAGED_RE.match(name):
-        raise CheckpointError(run_dir / MANIFEST_FILE, f"names an unexpected file {name!r}")
+        raise CheckpointError(run_dir / MANIFEST_FILE, f"names an unexpected file {_brief(name)}")
     path = run_dir / name
     record = manifest["files"].get(name)
     if not isinstance(record, dict):
@@ -323,30 +340,33 @@ def read_header(run_dir: Path) -> tuple[ModelConfig, dict[str, Any], Vocab, dict
     vocab_name = manifest.get("vocab", VOCAB_FILE)
     raw = _read_verified(run_dir, manifest, config_name)
     path = run_dir / config_name
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(path, f"not valid JSON ({exc})") from None
+    header = _parse_json(path, raw, "the config")
     if not isinstance(header, dict) or header.get("format_version") != FORMAT_VERSION:
         version = header.get("format_version") if isinstance(header, dict) else None
         raise CheckpointError(
-            path, f"unsupported format_version {version!r} (this version reads {FORMAT_VERSION})"
+            path,
+            f"unsupported format_version {_brief(version)} (this version reads {FORMAT_VERSION})",
         )
     try:
         config = ModelConfig.from_json(header.get("model"))
     except ConfigError as exc:
         raise CheckpointError(path, str(exc)) from None
+    training = header.get("training") or {}
+    if not isinstance(training, dict):
+        raise CheckpointError(path, "'training' must be a JSON object")
+    vocab_raw = _read_verified(run_dir, manifest, vocab_name)
     vocab_path = run_dir / vocab_name
     try:
-        vocab = Vocab.loads(_read_verified(run_dir, manifest, vocab_name).decode("utf-8"))
+        vocab = Vocab.loads(vocab_raw.decode("utf-8"))
     except (VocabError, UnicodeDecodeError) as exc:
         raise CheckpointError(vocab_path, str(exc)) from None
+    except RecursionError:
+        raise CheckpointError(vocab_path, "nested too deeply to be read") from None
     if len(vocab) != config.vocab_size:
         raise CheckpointError(
             vocab_path,
             f"holds {len(vocab)} tokens but config.json says vocab_size {config.vocab_size}",
         )
-    training = header.get("training") or {}
     return config, dict(training), vocab, manifest
 
 
@@ -381,6 +401,30 @@ def check_state(model: WordRNN, tensors: Mapping[str, Tensor], path: Path) -> No
             )
 
 
+def _build(config: ModelConfig, config_path: Path, tensors: Mapping[str, Tensor]) -> WordRNN:
+    """The network ``config`` describes, refused before it is built if the weights cannot fit it.
+
+    A damaged config may ask for sizes no machine can hold, or for a million layers. Every size
+    of a matching network is a dimension of some tensor in the file, and every layer has
+    tensors of its own, so neither may exceed what the weights file holds.
+    """
+    largest = max((max(t.shape, default=1) for t in tensors.values()), default=0)
+    for name in ("embed_dim", "hidden_dim"):
+        size = getattr(config, name)
+        if size > largest:
+            raise CheckpointError(
+                config_path, f"{name} {size} is larger than any tensor in the weights file"
+            )
+    if config.layers > len(tensors):
+        raise CheckpointError(
+            config_path, f"layers {config.layers} is more than the weights file holds tensors"
+        )
+    try:
+        return WordRNN(config)
+    except (ValueError, ArithmeticError, RuntimeError, MemoryError) as exc:
+        raise CheckpointError(config_path, f"cannot build the network ({exc})") from None
+
+
 def load(run_dir: Path | str, device: str | torch.device = "cpu") -> Checkpoint:
     """Load and verify a run folder's best weights onto ``device``, in eval mode.
 
@@ -401,7 +445,7 @@ def load(run_dir: Path | str, device: str | torch.device = "cpu") -> Checkpoint:
         )
     path = run_dir / name
     tensors, _ = _load_tensors(path, _read_verified(run_dir, manifest, name))
-    model = WordRNN(config)
+    model = _build(config, run_dir / manifest.get("config", CONFIG_FILE), tensors)
     check_state(model, tensors, path)
     model.load_state_dict(tensors, strict=not config.tie_weights)
     model.rnn.flatten_parameters()
@@ -418,8 +462,9 @@ def load_resume(run_dir: Path | str) -> tuple[dict[str, Tensor], dict[str, Any]]
         raise CheckpointError(run_dir / MANIFEST_FILE, "holds no training state to resume")
     path = run_dir / name
     tensors, meta = _load_tensors(path, _read_verified(run_dir, manifest, name))
-    try:
-        state = json.loads(meta["state"])
-    except (KeyError, json.JSONDecodeError):
-        raise CheckpointError(path, "has no readable training state in its metadata") from None
+    if "state" not in meta:
+        raise CheckpointError(path, "has no training state in its metadata")
+    state = _parse_json(path, meta["state"], "the training state")
+    if not isinstance(state, dict):
+        raise CheckpointError(path, "the training state is not a JSON object")
     return tensors, state

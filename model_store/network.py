@@ -121,8 +121,11 @@ class ModelConfig:
         if unknown:
             raise ConfigError(f"unknown model config keys: {', '.join(unknown)}")
         values = dict(data)
-        if values.get("cutoffs") is not None:
-            values["cutoffs"] = tuple(values["cutoffs"])
+        cutoffs = values.get("cutoffs")
+        if cutoffs is not None:
+            if not isinstance(cutoffs, list):
+                raise ConfigError(f"cutoffs must be a list of integers, not {cutoffs!r:.60}")
+            values["cutoffs"] = tuple(cutoffs)
         try:
             return cls(**values)
         except TypeError as exc:

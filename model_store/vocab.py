@@ -257,6 +257,11 @@ class Vocab:
         tokens, counts = data.get("tokens"), data.get("counts")
         if not (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)):
             raise VocabError("'tokens' must be a list of strings")
+        bad = next((t for t in tokens if not t or any(c.isspace() for c in t)), None)
+        if bad is not None:
+            raise VocabError(
+                f"token {bad!r:.40} is empty or holds whitespace; no tokenizer makes one"
+            )
         if not (isinstance(counts, list) and all(type(c) is int and c >= 0 for c in counts)):
             raise VocabError("'counts' must be a list of non-negative integers")
         min_count, max_vocab = data.get("min_count", 1), data.get("max_vocab")

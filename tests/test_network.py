@@ -212,7 +212,8 @@ def test_config_from_json_rejects_unusable_data(data: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    ("key", "value"), [("embed_dim", "8"), ("layers", 1.5), ("tie_weights", "false")]
+    ("key", "value"),
+    [("embed_dim", "8"), ("layers", 1.5), ("tie_weights", "false"), ("cutoffs", 5)],
 )
 def test_config_from_json_rejects_wrongly_typed_values(key: str, value: Any) -> None:
     # A config.json edited by hand must fail as a ConfigError, not build a strange network

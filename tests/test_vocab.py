@@ -288,6 +288,8 @@ def _with(**changes: Any) -> str:
         _with(tokenizer="words"),
         _with(min_count="1"),
         _with(max_vocab=2.5),
+        _with(tokens=[UNK, BOS, "a", ""]),  # no tokenizer makes an empty token...
+        _with(tokens=[UNK, BOS, "a", "b c"]),  # ...or one with whitespace in it
     ],
 )
 def test_loads_rejects_bad_files(text: str) -> None:
