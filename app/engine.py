@@ -22,6 +22,10 @@ Admission is bounded: with ``max_pending`` requests queued or running, `submit` 
 `EngineBusy` at once (a 503 with ``Retry-After``) instead of letting latency grow. `stats()`
 gives the queue length, the active rows and the step batch sizes for metrics.
 
+A request whose own part fails (its seed ids, its sampling, its text, the delivery of its
+words) ends alone with `GenerationFailed`; the rows that share its steps go on with the
+words they would have had without it, and the thread keeps serving.
+
 Sampling is ``model_store.sampling``, for both engines: every row draws one number per step
 from its own generator (row ``i`` of a request is seeded with ``random_seed + i``), so a
 row's words do not depend on the rows that share its steps.
@@ -86,6 +90,17 @@ class GenerationCancelled(Exception):
 
 class GenerationTimeout(Exception):
     """The generation passed its deadline and was dropped."""
+
+
+class GenerationFailed(Exception):
+    """Something went wrong with this generation alone (its sampling, its text, its
+    delivery); the other requests were not touched. ``__cause__`` is the original error."""
+
+
+def _failure(exc: Exception) -> GenerationFailed:
+    failure = GenerationFailed(f"the generation failed: {exc!r}")
+    failure.__cause__ = exc
+    return failure
 
 
 @dataclass(frozen=True)
@@ -162,7 +177,21 @@ class Generation:
         self._cancelled = True
 
     def _deliver(self, events: Sequence[WordEvent], outcome: Outcome | None) -> None:
-        """On the event loop: words from one step, then the outcome once it is known."""
+        """On the event loop: words from one step, then the outcome once it is known.
+
+        If that fails, this generation alone ends (cancelled, its result the error): the
+        deliveries of the other requests, run after it in the same wake-up, still happen.
+        """
+        try:
+            self._accept(events, outcome)
+        except Exception as exc:
+            log.exception("delivering to a generation failed; it is dropped")
+            self.cancel()
+            if not self._future.done():
+                self._future.set_exception(_failure(exc))
+            self._events.put_nowait(None)
+
+    def _accept(self, events: Sequence[WordEvent], outcome: Outcome | None) -> None:
         for event in events:
             self._events.put_nowait(event)
         if outcome is None or self._future.done():
@@ -295,11 +324,12 @@ class _Row:
 @dataclass(frozen=True)
 class Update:
     """What one `Batch` call produced for one request: words to stream, and its result once
-    all its rows have finished."""
+    all its rows have finished, or the error that ended it alone (`GenerationFailed`)."""
 
     key: Hashable
     events: list[WordEvent] = field(default_factory=list)
     result: GenerationResult | None = None
+    error: GenerationFailed | None = None
 
 
 class Batch:
@@ -309,6 +339,9 @@ class Batch:
     drive it step by step: `join` adds requests, `step` advances every row by one word,
     `drop` removes a request's rows. ``hidden`` is (layers, B, H) (a pair for an LSTM), row
     ``i`` of it belonging to ``rows[i]``.
+
+    A request whose own work fails (a bad seed id, its sampling, its text) leaves with an
+    error `Update`; the other rows go on with the words they would have had without it.
     """
 
     def __init__(self, model: WordRNN, vocab: Vocab, banned: Sequence[int]) -> None:
@@ -330,24 +363,31 @@ class Batch:
     def join(self, entries: Sequence[tuple[Hashable, GenerationJob]]) -> list[Update]:
         """Add requests: feed all their seed words in one packed forward pass, then add one
         row per sample. A request with ``max_words`` 0 finishes here."""
-        starts = _starts(self.model, self.vocab, [job for _, job in entries])
         updates: list[Update] = []
+        valid: list[tuple[Hashable, GenerationJob]] = []
+        for key, job in entries:
+            if (problem := _check_ids(job.seed_ids, len(self.vocab))) is None:
+                valid.append((key, job))
+            else:
+                updates.append(_failed(key, problem))
+        starts = _starts_each(self.model, self.vocab, [job for _, job in valid])
         parts: list[Hidden] = []
         rows: list[_Row] = []
         seqs: list[_Sequence] = []
-        for (key, job), hidden in zip(entries, starts, strict=True):
-            texts = [Continuation(self.vocab, job.context, job.stop) for _ in range(job.n)]
-            seq = _Sequence(key, job, texts, running=job.n)
-            if job.max_words == 0:
-                seq.state = hidden
-                updates.append(Update(key, result=self._result(seq)))
+        for (key, job), start in zip(valid, starts, strict=True):
+            if isinstance(start, Exception):
+                updates.append(_failed(key, start))
                 continue
-            keep = job.keep_state and bool(job.stop)
-            rows += [
-                _Row(seq, i, make_generator(job.random_seed + i), [hidden] if keep else None)
-                for i in range(job.n)
-            ]
-            parts.append(hidden if job.n == 1 else hidden_select(hidden, [0] * job.n))
+            try:
+                seq, new = self._sequence(key, job, start)
+                if not new:
+                    updates.append(Update(key, result=self._result(seq)))
+                    continue
+            except Exception as exc:
+                updates.append(_failed(key, exc))
+                continue
+            rows += new
+            parts.append(start if job.n == 1 else hidden_select(start, [0] * job.n))
             seqs.append(seq)
         if parts:  # nothing above changed the batch: a failure leaves it as it was
             joined = hidden_cat([self.hidden, *parts] if self.hidden is not None else parts)
@@ -356,56 +396,119 @@ class Batch:
             self._seqs.update((seq.key, seq) for seq in seqs)
         return updates
 
+    def _sequence(
+        self, key: Hashable, job: GenerationJob, start: Hidden
+    ) -> tuple[_Sequence, list[_Row]]:
+        """A joining request and its rows (none when it asks for no words)."""
+        texts = [Continuation(self.vocab, job.context, job.stop) for _ in range(job.n)]
+        seq = _Sequence(key, job, texts, running=job.n)
+        if job.max_words == 0:
+            seq.state = start
+            return seq, []
+        keep = job.keep_state and bool(job.stop)
+        rows = [
+            _Row(seq, i, make_generator(job.random_seed + i), [start] if keep else None)
+            for i in range(job.n)
+        ]
+        return seq, rows
+
     def step(self) -> list[Update]:
-        """Advance every row by one word, in one forward pass; finished rows leave."""
+        """Advance every row by one word, in one forward pass; finished rows leave, and so do
+        the rows of a request whose own work failed."""
         assert self.hidden is not None, "step() on an empty batch"
         rows = self.rows
         logits = next_logits(self.model, self.hidden)  # (B, V)
-        ids = sample(
-            logits,
-            [row.seq.job.params for row in rows],
-            [row.generator for row in rows],
-            self.banned,
-        )
+        ids, failed = self._sample(logits)
         hidden = advance(self.model, self.hidden, ids)
-        tokens = self.vocab.tokens
         events: dict[_Sequence, list[WordEvent]] = {}
         finished: list[_Sequence] = []
         keep: list[int] = []
         for pos, (row, word_id) in enumerate(zip(rows, ids, strict=True)):
             seq = row.seq
-            text = seq.texts[row.index]
-            text.push(tokens[word_id])
-            if row.states is not None:
-                row.states.append(hidden_select(hidden, [pos]))
-            done = text.stopped or len(text.words) >= seq.job.max_words
-            if seq.job.stream:
-                pieces = text.release(final=done)
-                if pieces:
-                    events.setdefault(seq, []).extend(
-                        WordEvent(row.index, p.word, p.text) for p in pieces
-                    )
+            if seq in failed:
+                continue
+            try:
+                done = self._push(row, pos, word_id, hidden, events)
+            except Exception as exc:
+                failed[seq] = exc
+                continue
             if not done:
                 keep.append(pos)
                 continue
-            if seq.job.keep_state and row.index == 0:
-                seq.state = (
-                    row.states[len(text.finish().words)]
-                    if row.states is not None
-                    else hidden_select(hidden, [pos])
-                )
             seq.running -= 1
             if seq.running == 0:
                 finished.append(seq)
+        keep = [pos for pos in keep if rows[pos].seq not in failed]  # a sibling row failed
         if len(keep) < len(rows):
             self.rows = [rows[pos] for pos in keep]
             hidden = hidden_select(hidden, keep) if keep else None
         self.hidden = hidden
-        updates = [Update(seq.key, words) for seq, words in events.items()]
+        updates = [Update(seq.key, words) for seq, words in events.items() if seq not in failed]
         for seq in finished:
             del self._seqs[seq.key]
-            updates.append(Update(seq.key, result=self._result(seq)))
+            try:
+                updates.append(Update(seq.key, result=self._result(seq)))
+            except Exception as exc:
+                updates.append(_failed(seq.key, exc))
+        for seq, exc in failed.items():
+            del self._seqs[seq.key]
+            updates.append(_failed(seq.key, exc))
         return updates
+
+    def _sample(self, logits: torch.Tensor) -> tuple[list[int], dict[_Sequence, Exception]]:
+        """Each row's next id from its (B, V) ``logits``, all rows in one call.
+
+        When that call fails, each row is sampled alone, its generator first rewound to where
+        it was before this step, so that the rows that do not fail draw exactly what they
+        would have drawn; the requests whose rows fail are returned with their error, and
+        their rows get a placeholder id (they leave after this step).
+        """
+        rows = self.rows
+        params = [row.seq.job.params for row in rows]
+        try:
+            return sample(logits, params, [row.generator for row in rows], self.banned), {}
+        except Exception:
+            log.warning("sampling %d rows at once failed; sampling each alone", len(rows))
+        ids: list[int] = []
+        failed: dict[_Sequence, Exception] = {}
+        for pos, row in enumerate(rows):
+            try:
+                _rewind(row.generator, len(row.seq.texts[row.index].words))
+                ids += sample(logits[pos : pos + 1], [params[pos]], [row.generator], self.banned)
+            except Exception as exc:
+                failed.setdefault(row.seq, exc)
+                ids.append(self.vocab.bos_id)
+        return ids, failed
+
+    def _push(
+        self,
+        row: _Row,
+        pos: int,
+        word_id: int,
+        hidden: Hidden,
+        events: dict[_Sequence, list[WordEvent]],
+    ) -> bool:
+        """Add row ``pos``'s new word to its text (and its words to stream to ``events``);
+        whether the row is done."""
+        seq = row.seq
+        text = seq.texts[row.index]
+        text.push(self.vocab.tokens[word_id])
+        if row.states is not None:
+            row.states.append(hidden_select(hidden, [pos]))
+        done = text.stopped or len(text.words) >= seq.job.max_words
+        if seq.job.stream:
+            pieces = text.release(final=done)
+            if pieces:
+                events.setdefault(seq, []).extend(
+                    WordEvent(row.index, p.word, p.text) for p in pieces
+                )
+        if done and seq.job.keep_state and row.index == 0:
+            seq.state = (
+                row.states[len(text.finish().words)]
+                if row.states is not None
+                else hidden_select(hidden, [pos])
+            )
+        return done
 
     def drop(self, keys: set[Hashable]) -> None:
         """Remove every row of these requests."""
@@ -430,6 +533,42 @@ class Batch:
             assert seq.state is not None
             state = _move(seq.state, torch.device("cpu"))
         return GenerationResult([text.finish() for text in seq.texts], state)
+
+
+def _failed(key: Hashable, exc: Exception) -> Update:
+    return Update(key, error=_failure(exc))
+
+
+def _check_ids(ids: Sequence[int], vocab_size: int) -> ValueError | None:
+    """Why ``ids`` cannot be fed, if they cannot: checked before any model work, since an
+    id past the embedding would fail the whole packed pass (and, on a GPU, the device)."""
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    return (
+        ValueError(f"seed ids {bad[:5]} are outside the vocabulary (0..{vocab_size - 1})")
+        if bad
+        else None
+    )
+
+
+def _rewind(generator: torch.Generator, drawn: int) -> None:
+    """Put ``generator`` back to its state after ``drawn`` draws: a row draws one number per
+    step (``model_store.sampling``), so that state is its seed and its word count."""
+    generator.manual_seed(generator.initial_seed())
+    for _ in range(drawn):
+        torch.rand(1, generator=generator)
+
+
+def _starts_each(
+    model: WordRNN, vocab: Vocab, jobs: Sequence[GenerationJob]
+) -> list[Hidden | Exception]:
+    """`_starts`, or when its one forward pass fails, each job's start fed alone, so that a
+    job that cannot be fed fails by itself (its entry is the error)."""
+    try:
+        return list(_starts(model, vocab, jobs))
+    except Exception as exc:
+        if len(jobs) == 1:
+            return [exc]
+    return [_starts_each(model, vocab, [job])[0] for job in jobs]
 
 
 def _starts(model: WordRNN, vocab: Vocab, jobs: Sequence[GenerationJob]) -> list[Hidden]:
@@ -884,7 +1023,7 @@ class BatchedEngine(Engine):
             except Exception as exc:
                 log.exception("feeding the seed words of %d requests failed", len(joining))
                 for generation in joining:
-                    self._finish(generation, exc)
+                    self._finish(generation, _failure(exc))
         if batch.size:
             size = batch.size
             try:
@@ -893,7 +1032,7 @@ class BatchedEngine(Engine):
                 log.exception("a step of %d rows failed", size)
                 for key in batch.clear():
                     assert isinstance(key, Generation)
-                    self._finish(key, exc)
+                    self._finish(key, _failure(exc))
             else:
                 self._record_step(size)
                 self._apply(updates)
@@ -903,7 +1042,10 @@ class BatchedEngine(Engine):
         for update in updates:
             generation = update.key
             assert isinstance(generation, Generation)
-            if update.result is not None:
+            if update.error is not None:
+                log.error("a generation failed; the others go on", exc_info=update.error)
+                self._finish(generation, update.error)
+            elif update.result is not None:
                 self._finish(generation, update.result, update.events)
             elif update.events:
                 self._send(generation, update.events)
@@ -945,10 +1087,11 @@ class NaiveEngine(Engine):
                     check,
                     self._record_step,
                 )
-            except Exception as exc:
-                if not isinstance(exc, GenerationCancelled | GenerationTimeout):
-                    log.exception("a generation failed")
+            except (GenerationCancelled, GenerationTimeout) as exc:
                 self._finish(generation, exc)
+            except Exception as exc:
+                log.exception("a generation failed")
+                self._finish(generation, _failure(exc))
             else:
                 self._finish(generation, result)
             finally:

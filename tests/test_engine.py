@@ -9,7 +9,7 @@ nothing waits on time.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from app import engine as engine_module
 from app.engine import (
     Batch,
     Engine,
@@ -26,12 +27,14 @@ from app.engine import (
     EngineClosed,
     Generation,
     GenerationCancelled,
+    GenerationFailed,
     GenerationJob,
     GenerationResult,
     GenerationTimeout,
     WordEvent,
     generate_alone,
 )
+from app.text import Continuation
 from model_store import checkpoint
 from model_store.checkpoint import Checkpoint
 from model_store.network import Hidden
@@ -395,3 +398,171 @@ def test_stats_name_what_metrics_read(tiny_run: Path) -> None:
 def test_an_unknown_engine_is_refused(tiny_run: Path) -> None:
     with pytest.raises(ValueError, match="batched, naive"):
         run(start(tiny_run, "turbo"))
+
+
+# -- one request's failure stays its own -----------------------------------------------------
+
+POISON = 666  # the random seed of the request whose own work fails
+FAULT_AT = 3  # the failing row has this many words when its fault strikes
+MARK = "poisoned"  # a context word that tells the faulty text its request
+
+
+def poison_sampling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sampling raises for calls holding the row seeded POISON once it has drawn FAULT_AT
+    numbers, after every row of the call has drawn: the rows that share the step must be
+    put back to where they were."""
+    real = engine_module.sample
+    draws: dict[torch.Generator, int] = {}
+
+    def faulty(logits: torch.Tensor, params: Any, generators: Any, banned: Any = ()) -> Any:
+        ids = real(logits, params, generators, banned)
+        for generator in generators:
+            if generator.initial_seed() == POISON:
+                draws[generator] = draws.get(generator, 0) + 1
+                if draws[generator] > FAULT_AT:
+                    raise RuntimeError("poisoned sampling")
+        return ids
+
+    monkeypatch.setattr(engine_module, "sample", faulty)
+
+
+def poison_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The text of a sample whose context holds MARK raises at its word FAULT_AT + 1."""
+
+    class Faulty(Continuation):
+        def __init__(self, vocab: Any, context: Sequence[str], stops: Sequence[str] = ()) -> None:
+            super().__init__(vocab, context, stops)
+            self.poisoned = MARK in context
+
+        def push(self, word: str) -> None:
+            if self.poisoned and len(self.words) == FAULT_AT:
+                raise RuntimeError("poisoned text")
+            super().push(word)
+
+    monkeypatch.setattr(engine_module, "Continuation", Faulty)
+
+
+FAULTS = {"sampling": poison_sampling, "text": poison_text}
+
+# The healthy requests: several samples, stop strings, a stream; none seeded POISON(+1).
+HEALTHY = [
+    job(max_words=12, random_seed=1, n=2),
+    job(max_words=9, random_seed=5, stop=("e",), stream=True),
+    job(max_words=15, random_seed=9, params=SamplingParams(top_k=0, temperature=0.7)),
+]
+
+
+async def start_together(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch, jobs: Sequence[GenerationJob]
+) -> list[Generation]:
+    """Submit ``jobs`` while the inference thread is held in a step, so that the batched
+    engine steps all of them together from the next step on."""
+    gate = Gate(monkeypatch)
+    handles = [engine.submit(jobs[0])]
+    await gate.wait_entered()
+    handles += [engine.submit(j) for j in jobs[1:]]
+    gate.open()
+    return handles
+
+
+async def streamed(generation: Generation) -> list[WordEvent]:
+    return [event async for event in generation.events()]
+
+
+async def healthy_afterwards(engine: Engine) -> None:
+    """The engine goes on serving, and nothing of the failed request is left in it."""
+    assert len((await engine.submit(job(max_words=3)).result()).samples[0].words) == 3
+    stats = engine.stats()
+    assert stats["active_rows"] == stats["active_requests"] == 0
+    assert engine.pending == 0
+
+
+@KINDS
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_row_that_fails_fails_its_request_alone(
+    tiny_run: Path, kind: str, fault: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded = checkpoint.load(tiny_run, "cpu")
+    expected = [run_alone(loaded, j) for j in HEALTHY]  # before any fault is injected
+    poisoned = job(max_words=20, random_seed=POISON, n=2, context=[MARK], stream=True)
+
+    async def scenario() -> None:
+        engine = await start(tiny_run, kind)
+        try:
+            FAULTS[fault](monkeypatch)
+            bad, *good = await start_together(engine, monkeypatch, [poisoned, *HEALTHY])
+            events = [await streamed(g) for g in (bad, *good)]
+            with pytest.raises(GenerationFailed, match=f"poisoned {fault}"):
+                await bad.result()
+            assert 0 < len(events[0]) <= 2 * FAULT_AT  # it streamed until its fault
+            for handle, (result, alone_events), got in zip(good, expected, events[1:], strict=True):
+                assert (await handle.result()).samples == result.samples
+                assert by_sample(got) == by_sample(alone_events)
+            stats = engine.stats()
+            assert stats["failed"] == 1
+            if kind == "batched":  # the fault struck inside a step shared with the others
+                rows = poisoned.n + sum(j.n for j in HEALTHY)
+                assert max(stats["step_batch_sizes"]) == rows
+            await healthy_afterwards(engine)
+        finally:
+            await engine.close()
+
+    run(scenario())
+
+
+@KINDS
+def test_a_seed_id_outside_the_vocabulary_fails_its_request_alone(
+    tiny_run: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded = checkpoint.load(tiny_run, "cpu")
+    expected = [run_alone(loaded, j)[0] for j in HEALTHY]
+    bad_ids = job(seed_ids=[2, len(loaded.vocab) + 7])
+
+    async def scenario() -> None:
+        engine = await start(tiny_run, kind)
+        try:
+            first, bad, *good = await start_together(
+                engine, monkeypatch, [HEALTHY[0], bad_ids, *HEALTHY[1:]]
+            )
+            with pytest.raises(GenerationFailed):
+                await bad.result()
+            for handle, result in zip([first, *good], expected, strict=True):
+                assert (await handle.result()).samples == result.samples
+            assert engine.stats()["failed"] == 1
+            await healthy_afterwards(engine)
+        finally:
+            await engine.close()
+
+    run(scenario())
+
+
+def test_a_delivery_that_fails_ends_its_request_alone(
+    tiny_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded = checkpoint.load(tiny_run, "cpu")
+    expected = [run_alone(loaded, j)[0] for j in HEALTHY]
+    endless = job(max_words=10**9, random_seed=POISON, stream=True)
+    real = Generation._accept
+
+    def faulty(self: Generation, events: Any, outcome: Any) -> None:
+        if self.job.random_seed == POISON:
+            raise RuntimeError("poisoned delivery")
+        real(self, events, outcome)
+
+    async def scenario() -> None:
+        engine = await start(tiny_run, "batched")
+        try:
+            monkeypatch.setattr(Generation, "_accept", faulty)
+            # The failing one comes first in every wake-up's deliveries.
+            bad, *good = await start_together(engine, monkeypatch, [endless, *HEALTHY])
+            with pytest.raises(GenerationFailed, match="poisoned delivery"):
+                await bad.result()
+            assert await streamed(bad) == []
+            for handle, result in zip(good, expected, strict=True):
+                assert (await handle.result()).samples == result.samples
+            await healthy_afterwards(engine)  # the endless one was dropped: it was cancelled
+            assert engine.stats()["cancelled"] == 1
+        finally:
+            await engine.close()
+
+    run(scenario())
