@@ -1,5 +1,10 @@
 """Serve a run folder over HTTP: ``python -m app --model-dir RUN_DIR [--host H] [--port P]``.
 
+``--models-dir DIR`` serves every run folder under ``DIR`` instead, each named after its
+subfolder (``--default-model NAME`` picks the one a request without ``model`` gets). The
+run folders are checked every ``--reload-interval-seconds`` (5) for a newly committed
+checkpoint, which replaces the served one without dropping a request.
+
 ``--engine batched`` (the default) steps every active request together, one forward pass per
 step; ``--engine naive`` generates each request alone, one after the other (``WORDRNN_ENGINE``).
 
@@ -34,6 +39,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "environment variables.",
     )
     parser.add_argument("--model-dir", help="the run folder written by the trainer")
+    parser.add_argument(
+        "--models-dir",
+        help="serve every run folder in this folder instead, each named after its subfolder",
+    )
+    parser.add_argument(
+        "--default-model",
+        metavar="NAME",
+        help="the model of requests without 'model' (default: the only one, else the "
+        "subfolder named 'default')",
+    )
+    parser.add_argument(
+        "--reload-interval-seconds",
+        type=float,
+        metavar="SECONDS",
+        help="check the run folders for a new checkpoint this often (default 5; 0: never)",
+    )
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (default 8000; 0: any free)")
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
@@ -61,7 +82,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="append",
         metavar="KEY",
         help="require 'Authorization: Bearer KEY' on the model endpoints; repeat for several "
-        "keys (default: WORDRNN_API_KEYS, else none)",
+        "keys (added to WORDRNN_API_KEYS and the key file; default: none)",
+    )
+    parser.add_argument(
+        "--api-key-file",
+        dest="api_keys_file",
+        metavar="PATH",
+        help="accept the keys in PATH too: one a line, blank lines and # comments skipped "
+        "(WORDRNN_API_KEYS_FILE)",
+    )
+    parser.add_argument(
+        "--rate-limit",
+        metavar="LIMITS",
+        help="requests each API key (else each client address) may make, e.g. 60/minute or "
+        "'10/second;100/minute'; 429 past it (WORDRNN_RATE_LIMIT; default: no limit)",
     )
     # The benchmark's HTTP ceiling (bench/serve_load.py): POST /bench/generate-noop.
     parser.add_argument("--bench-noop", action="store_true", default=None, help=argparse.SUPPRESS)
@@ -70,6 +104,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 FLAGS = (
     "model_dir",
+    "models_dir",
+    "default_model",
+    "reload_interval_seconds",
     "host",
     "port",
     "device",
@@ -79,14 +116,26 @@ FLAGS = (
     "forwarded_allow_ips",
     "engine",
     "api_keys",
+    "api_keys_file",
+    "rate_limit",
     "bench_noop",
 )
+# Flags not spelled as their setting: one ``--api-key`` for each key.
+FLAG_NAMES = {"api_keys": "--api-key", "api_keys_file": "--api-key-file"}
 
 
 def build_settings(args: argparse.Namespace) -> Settings:
-    """Settings from the environment, with the flags that were given on top."""
+    """Settings from the environment, with the flags that were given on top.
+
+    ``--api-key`` adds to the keys of the environment and the key file instead of replacing
+    them.
+    """
     overrides = {name: getattr(args, name) for name in FLAGS if getattr(args, name) is not None}
-    return Settings(**overrides)
+    flag_keys = overrides.pop("api_keys", [])
+    settings = Settings(**overrides)
+    if not flag_keys:
+        return settings
+    return Settings(**overrides, api_keys=[*settings.api_keys, *flag_keys])
 
 
 def _stop(signum: int, frame: FrameType | None) -> None:
@@ -126,7 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             name = ".".join(str(part) for part in err["loc"])
             source = f"{ENV_PREFIX}{name.upper()}"
             if name in FLAGS:
-                source = "--" + name.replace("_", "-") + " or " + source
+                flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+                source = f"{flag} or {source}"
             print(f"error: setting {name} ({source}): {err['msg']}", file=sys.stderr)
         return 2
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -9,7 +9,12 @@ and ``top_k`` is an extra field (0, the default, samples from the whole vocabula
 does). A token here is a word of the model's vocabulary.
 
 Errors on these routes use OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``;
-a request the service refuses (a 422 on ``/generate``) is a 400 here, as OpenAI answers it.
+a request the service refuses (a 422 on ``/generate``) is a 400 here, as OpenAI answers it,
+and an unknown ``model`` is a 404 with code ``model_not_found``.
+
+``GET /v1/models`` lists every served model (the default first) with its card: OpenAI's
+``id``, ``created`` and ``owned_by``, then the model's name, the version (weights id) and
+load time, its architecture, size and training figures.
 """
 
 from __future__ import annotations
@@ -21,14 +26,18 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import aclosing
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import anyio
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator
 
 from app.errors import ApiError
+from app.models import UnknownModel
 from app.schemas import MAX_RANDOM_SEED, GenerateRequest, GenerateResponse, StopStrings
 from app.serving import TextService
+
+if TYPE_CHECKING:
+    from app.models import ModelRegistry
 
 # The service's field names, as the OpenAI request calls them.
 OPENAI_NAMES = {"seed_words": "prompt", "max_words": "max_tokens", "random_seed": "seed"}
@@ -40,13 +49,6 @@ ERROR_TYPES = {
     409: "conflict_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
-}
-# Parameters OpenAI defines that a word model cannot honour, with the value that is accepted.
-UNSUPPORTED: dict[str, tuple[object, str]] = {
-    "suffix": (None, "insertion is not supported; leave suffix out"),
-    "logprobs": (None, "log-probabilities are not returned; use POST /score"),
-    "frequency_penalty": (0, "penalties are not supported; leave it out or send 0"),
-    "presence_penalty": (0, "penalties are not supported; leave it out or send 0"),
 }
 
 
@@ -91,6 +93,8 @@ def openai_name(field: str, prompt_index: int | None = None) -> str:
 
 def from_api_error(exc: ApiError, prompt_index: int | None = None) -> OpenAIError:
     """The service's error, with OpenAI's field names and status (422 becomes 400)."""
+    if isinstance(exc, UnknownModel):
+        return OpenAIError(404, exc.detail, param="model", code="model_not_found")
     status = 400 if exc.status == 422 else exc.status
     if not exc.errors:
         return OpenAIError(status, exc.detail, headers=exc.headers)
@@ -112,7 +116,31 @@ def _prompt(value: object) -> str | list[str]:
     raise ValueError("expected a string or a non-empty list of strings")
 
 
-Prompt = Annotated[str | list[str], PlainValidator(_prompt, json_schema_input_type=str | list[str])]
+Prompt = Annotated[
+    str | list[str],
+    PlainValidator(_prompt, json_schema_input_type=str | Annotated[list[str], Field(min_length=1)]),
+]
+
+
+def _unsupported(message: str, accepted: tuple[object, ...] = (), schema: Any = None) -> Any:
+    """A parameter of OpenAI's that a word model cannot honour: null, or one of ``accepted``
+    (of the same JSON type), passes; anything else is refused with ``message``. ``schema`` is
+    the type that states the accepted values in the API schema."""
+
+    def check(value: object) -> object:
+        if value is None or any(type(value) is type(a) and value == a for a in accepted):
+            return value
+        raise ValueError(message)
+
+    return PlainValidator(check, json_schema_input_type=schema)
+
+
+Penalty = Annotated[
+    float | None,
+    _unsupported(
+        "penalties are not supported; leave it out or send 0", (0, 0.0), Literal[0] | None
+    ),
+]
 
 
 class StreamOptions(BaseModel):
@@ -147,11 +175,20 @@ class CompletionRequest(BaseModel):
     echo: bool | None = Field(False, description="Return the prompt before each completion.")
     best_of: int | None = Field(None, ge=1, description="Only 1 (or equal to n) is supported.")
     user: str | None = Field(None, description="Accepted and ignored.")
-    logit_bias: dict[str, int] | None = Field(None, description="Only an empty map is accepted.")
-    suffix: str | None = None
-    logprobs: int | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
+    logit_bias: Annotated[
+        dict[str, int] | None,
+        _unsupported(
+            "not supported; send {} or leave it out",
+            ({},),
+            Annotated[dict[str, int], Field(max_length=0)] | None,
+        ),
+    ] = Field(None, description="Only an empty map is accepted.")
+    suffix: Annotated[None, _unsupported("insertion is not supported; leave suffix out")] = None
+    logprobs: Annotated[
+        None, _unsupported("log-probabilities are not returned; use POST /score")
+    ] = None
+    frequency_penalty: Penalty = None
+    presence_penalty: Penalty = None
     top_k: int | None = Field(
         0,
         ge=0,
@@ -163,13 +200,6 @@ class CompletionRequest(BaseModel):
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
     def check_supported(self) -> None:
-        for name, (accepted, message) in UNSUPPORTED.items():
-            value = getattr(self, name)
-            if value is not None and value != accepted:
-                raise OpenAIError(400, f"{name}: {message}", param=name)
-        if self.logit_bias:
-            message = "logit_bias: not supported; send {} or leave it out"
-            raise OpenAIError(400, message, "logit_bias")
         if self.best_of is not None and self.best_of not in (1, self.n or 1):
             raise OpenAIError(400, "best_of: only 1 (or n) is supported", "best_of")
 
@@ -212,11 +242,34 @@ class Completion(BaseModel):
     usage: CompletionUsage | None = None
 
 
+# What training had done when the served weights were committed (from the run's manifest).
+TRAINING_FIGURES = ("epochs", "iterations", "train_words_seen", "train_seconds", "stop_reason")
+
+
 class Model(BaseModel):
-    id: str
+    """OpenAI's model object, with this model's card after OpenAI's three fields."""
+
+    id: str = Field(description="What to send as `model` (so is `name`).")
     object: Literal["model"] = "model"
-    created: int
+    created: int = Field(description="When the run folder was created, in seconds since 1970.")
     owned_by: str = "wordrnn"
+    name: str = Field(description="The model's name: its folder.")
+    version: str = Field(description="The id of the weights served; it changes with a reload.")
+    loaded_at: int = Field(description="When this version was loaded, in seconds since 1970.")
+    default: bool = Field(description="Whether a request without `model` gets this model.")
+    cell: str
+    layers: int
+    embed_dim: int
+    hidden_dim: int
+    vocab_size: int
+    parameters: int
+    best_valid_perplexity: float | None
+    training: dict[str, Any] = Field(
+        description="What training had done when these weights were committed: "
+        + ", ".join(TRAINING_FIGURES)
+        + "."
+    )
+    corpus: dict[str, Any] | None = Field(description="The training corpus' digest and counts.")
 
 
 class ModelList(BaseModel):
@@ -238,33 +291,43 @@ class OpenAIErrorResponse(BaseModel):
 # -- the translation --------------------------------------------------------------------------
 
 
-def model_card(service: TextService) -> Model:
-    created = service.engine.checkpoint.manifest.get("created")
+def _timestamp(iso: object) -> int:
     try:
-        stamp = int(datetime.fromisoformat(created).timestamp()) if created else 0
-    except (TypeError, ValueError):
-        stamp = 0
-    return Model(id=service.model_id, created=stamp)
+        return int(datetime.fromisoformat(iso).timestamp()) if isinstance(iso, str) else 0
+    except ValueError:
+        return 0
 
 
-def check_model(service: TextService, model: str | None) -> None:
-    """Accept the served model's id or its run name (or no model at all)."""
-    if model is None or model in (service.model_id, service.engine.checkpoint.run_dir.name):
-        return
-    raise OpenAIError(
-        404,
-        f"the model {model!r} does not exist; this server has {service.model_id!r} "
-        "(GET /v1/models)",
-        param="model",
-        code="model_not_found",
+def model_card(service: TextService, models: ModelRegistry) -> Model:
+    info = service.info()
+    architecture = info.architecture
+    manifest = service.engine.checkpoint.manifest
+    return Model(
+        id=models.card_id(service),
+        created=_timestamp(info.created),
+        name=info.name,
+        version=info.model,
+        loaded_at=int(info.loaded_at.timestamp()),
+        default=info.name == models.default_name,
+        cell=architecture["cell"],
+        layers=architecture["layers"],
+        embed_dim=architecture["embed_dim"],
+        hidden_dim=architecture["hidden_dim"],
+        vocab_size=info.vocab_size,
+        parameters=info.parameters,
+        best_valid_perplexity=info.best_valid_perplexity,
+        training={k: manifest[k] for k in TRAINING_FIGURES if k in manifest},
+        corpus=info.corpus,
     )
 
 
 class Completions:
-    """One completion request: its prompts as `GenerateRequest`s, their answers as OpenAI's."""
+    """One completion request: its prompts as `GenerateRequest`s, their answers as OpenAI's.
 
-    def __init__(self, service: TextService, req: CompletionRequest) -> None:
-        check_model(service, req.model)
+    ``model_id`` is the model's id in ``/v1/models``, which the answers carry as ``model``.
+    """
+
+    def __init__(self, service: TextService, req: CompletionRequest, model_id: str) -> None:
         req.check_supported()
         prompts = req.prompts
         limit = service.settings.max_samples
@@ -272,6 +335,7 @@ class Completions:
             raise OpenAIError(400, f"prompt: at most {limit} prompts in one request", "prompt")
         self.service = service
         self.req = req
+        self.model_id = model_id
         self.prompts = prompts
         self.n = req.n or 1
         self.id = "cmpl-" + secrets.token_hex(12)
@@ -283,8 +347,8 @@ class Completions:
             "id": self.id,
             "object": "text_completion",
             "created": self.created,
-            "model": self.service.model_id,
-            "system_fingerprint": self.service.model_id,
+            "model": self.model_id,
+            "system_fingerprint": self.service.model_id,  # the weights' version
         }
 
     def _refused(self, i: int, exc: ApiError) -> OpenAIError:

@@ -1,14 +1,27 @@
-"""Dependencies: what a handler needs, read from ``app.state``, and the API-key check."""
+"""Dependencies: what a handler needs, read from ``app.state``, and the API-key check.
+
+The dependencies are ``async`` although they never wait: FastAPI runs a plain ``def``
+dependency on its thread pool, and a hop there for every request (refusals included) costs
+more than the work itself and queues under load.
+
+A caller is known by the fingerprint of its key (`key_fingerprint`), never the key itself:
+sessions record it as their owner, and the rate limiter (``app/ratelimit.py``) counts by it.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import secrets
+from collections.abc import Mapping, Sequence
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
+from pydantic import SecretStr
 
 from app.errors import ApiError
+from app.models import ModelAccess, ModelRegistry
 from app.serving import TextService
 from app.settings import Settings
 
@@ -16,28 +29,68 @@ _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer KEY")
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_service(request: Request) -> TextService:
-    """The service once the model is loaded; a 503 before that and while stopping."""
+def key_fingerprint(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def presented_key(headers: Mapping[str, str]) -> str | None:
+    """The key a request carries, read as `require_api_key` reads it: ``X-API-Key``, else an
+    ``Authorization: Bearer`` token."""
+    if key := headers.get("x-api-key"):
+        return key
+    scheme, token = get_authorization_scheme_param(headers.get("authorization"))
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def key_owner(keys: Sequence[SecretStr], presented: str | None) -> str | None:
+    """The fingerprint of ``presented`` when it is one of ``keys``; else None."""
+    if presented is None:
+        return None
+    given = presented.encode()
+    # Compare with every key, in constant time, so timing tells nothing about them.
+    matches = [secrets.compare_digest(given, key.get_secret_value().encode()) for key in keys]
+    return key_fingerprint(presented) if any(matches) else None
+
+
+async def get_service(request: Request) -> TextService:
+    """The service once the model is loaded, acting for the caller's key (whose sessions
+    it sees); a 503 before that and while stopping."""
     service: TextService | None = request.app.state.service
     if service is None:
-        raise ApiError(
-            503,
-            f"the model is not ready ({request.app.state.phase}); retry shortly",
-            headers={"Retry-After": "2"},
-        )
-    return service
+        raise _not_ready(request)
+    settings: Settings = request.app.state.settings
+    return service.for_owner(key_owner(settings.api_keys, presented_key(request.headers)))
+
+
+async def get_models(request: Request) -> ModelAccess:
+    """The served models, acting for the caller's key (whose sessions they see); a 503
+    before they are loaded and while stopping."""
+    registry: ModelRegistry | None = request.app.state.models
+    if registry is None:
+        raise _not_ready(request)
+    settings: Settings = request.app.state.settings
+    return ModelAccess(registry, key_owner(settings.api_keys, presented_key(request.headers)))
+
+
+def _not_ready(request: Request) -> ApiError:
+    return ApiError(
+        503,
+        f"the model is not ready ({request.app.state.phase}); retry shortly",
+        headers={"Retry-After": "2"},
+    )
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ServiceDep = Annotated[TextService, Depends(get_service)]
+ModelsDep = Annotated[ModelAccess, Depends(get_models)]
 
 
-def require_api_key(
+async def require_api_key(
     settings: SettingsDep,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     api_key: Annotated[str | None, Depends(_api_key_header)],
@@ -46,15 +99,8 @@ def require_api_key(
     if not settings.api_keys:
         return
     given = api_key or (bearer.credentials if bearer else None)
-    if given is not None:
-        presented = given.encode()
-        # Compare with every key, in constant time, so timing tells nothing about them.
-        matches = [
-            secrets.compare_digest(presented, key.get_secret_value().encode())
-            for key in settings.api_keys
-        ]
-        if any(matches):
-            return
+    if key_owner(settings.api_keys, given) is not None:
+        return
     raise ApiError(
         401,
         "a valid API key is required: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",

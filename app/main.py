@@ -1,9 +1,11 @@
 """The application factory: ``uvicorn --factory app.main:create_app`` (``WORDRNN_MODEL_DIR`` set).
 
 `create_app` builds the app from `Settings` and reads nothing else. Its lifespan loads and
-verifies the run folder onto the device, warms the model up, and only then marks the service
-ready (``/readyz`` 200, ``/generate`` served); until then, and while stopping, model endpoints
-answer 503. A bad checkpoint or device raises `StartupError`, whose one line names the file.
+verifies the run folder (or every run folder of ``WORDRNN_MODELS_DIR``, see ``app/models.py``)
+onto the device, warms each model up, and only then marks the service ready (``/readyz`` 200,
+``/generate`` served); until then, and while stopping, model endpoints answer 503. A bad
+checkpoint or device raises `StartupError`, whose one line names the file. While serving, the
+run folders are watched for new checkpoints, which are swapped in without dropping a request.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from app.deps import require_api_key
-from app.engine import Engine
 from app.errors import install_error_handlers
 from app.logs import RequestLogMiddleware
 from app.metrics import Metrics, MetricsMiddleware
 from app.middleware import BodyLimitMiddleware, RootPathMiddleware, StartupErrorMiddleware
+from app.models import ModelRegistry
+from app.ratelimit import RateLimitMiddleware
 from app.routes import api_router, bench
 from app.serving import TextService
 from app.sessions import MemorySessionStore, RedisSessionStore, SessionStore
@@ -37,9 +40,12 @@ sampling; `stream: true` sends each word as a server-sent event. Sessions keep t
 state between requests. `POST /next-words` suggests the next word, `POST /score` scores a text.
 Errors are `{"detail": ..., "errors": [{"field": ..., "message": ...}]}`.
 
-`POST /v1/completions` and `GET /v1/models` are OpenAI's completions API on the same model
+`POST /v1/completions` and `GET /v1/models` are OpenAI's completions API on the same models
 (point an OpenAI client at `.../v1`; errors there use OpenAI's body). `GET /` is a playground
 page, `GET /metrics` Prometheus' metrics. Every answer carries an `X-Request-ID`.
+
+A server may serve several models: every request that uses one takes an optional `model`
+(a name from `GET /v1/models`; the default model without it).
 """
 
 
@@ -50,11 +56,10 @@ def _version() -> str:
         return "0+unknown"
 
 
-def _session_store(settings: Settings, model_id: str) -> SessionStore:
+def _session_store(settings: Settings, model: str) -> SessionStore:
+    """A new session store for the model named ``model`` (in Redis, its sessions carry it)."""
     if settings.session_store == "redis":
-        return RedisSessionStore.from_url(
-            settings.redis_url, settings.session_ttl_seconds, model_id
-        )
+        return RedisSessionStore.from_url(settings.redis_url, settings.session_ttl_seconds, model)
     return MemorySessionStore(settings.session_ttl_seconds, settings.max_sessions)
 
 
@@ -63,48 +68,54 @@ def create_app(
 ) -> FastAPI:
     """The app for ``settings`` (read from the environment when None).
 
-    ``session_store`` replaces the in-memory session store (tests pass one with a fake clock).
+    ``session_store`` replaces the default model's in-memory session store (tests pass one
+    with a fake clock).
     """
-    settings = settings or Settings()  # type: ignore[call-arg]  # model_dir from the env
+    settings = settings or Settings()
+
+    async def open_sessions(name: str, default: bool) -> SessionStore:
+        sessions = (
+            session_store
+            if default and session_store is not None
+            else _session_store(settings, name)
+        )
+        if isinstance(sessions, RedisSessionStore):
+            try:
+                await sessions.ping()
+            except BaseException:
+                await sessions.close()
+                raise
+        return sessions
+
+    def publish(service: TextService) -> None:
+        """Keep ``app.state.service`` the default model's current version."""
+        app.state.service = service
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        log.info("loading %s on device %s", settings.model_dir, settings.device)
-        engine = await Engine.start(
-            settings.model_dir,
-            settings.device,
-            kind=settings.engine,
-            max_pending=settings.max_pending,
-            max_batch=settings.max_batch,
-            timeout_seconds=settings.request_timeout_seconds,
-            threads=settings.torch_threads,
-        )
-        try:
-            sessions = (
-                session_store
-                if session_store is not None
-                else _session_store(settings, engine.checkpoint.model_id)
-            )
-            if isinstance(sessions, RedisSessionStore):
-                await sessions.ping()
-        except BaseException:
-            await engine.close()  # its thread would keep a failed process alive
-            raise
-        app.state.service = TextService(engine, sessions, settings)
+        where = settings.models_dir or settings.model_dir
+        log.info("loading %s on device %s", where, settings.device)
+        models = ModelRegistry(settings, open_sessions, on_default=publish)
+        await models.start()
+        app.state.models = models
         app.state.phase = "ready"
-        log.info(
-            "ready: model %s on %s (%s engine)",
-            engine.checkpoint.model_id,
-            engine.device,
-            engine.kind,
-        )
+        for slot in models.slots:
+            engine = slot.service.engine
+            log.info(
+                "ready: model %s (%s) on %s (%s engine)%s",
+                slot.name,
+                slot.service.model_id,
+                engine.device,
+                engine.kind,
+                ", the default" if slot.name == models.default_name else "",
+            )
         try:
             yield
         finally:
             app.state.phase = "stopping"
+            app.state.models = None
             app.state.service = None
-            await engine.close()
-            await sessions.close()
+            await models.close()
             log.info("stopped")
 
     app = FastAPI(
@@ -114,6 +125,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.models = None
     app.state.service = None
     app.state.phase = "loading"
     app.state.metrics = Metrics(app.state)
@@ -124,12 +136,15 @@ def create_app(
     # The last added runs first: the root path, then CORS (so refusals carry its headers too),
     # then the body limit; the start-up middleware only sees the lifespan.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.rate_limit:  # inside CORS, so that a browser can read its 429s
+        app.add_middleware(RateLimitMiddleware, settings=settings)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "X-API-Key"],
+            expose_headers=["Retry-After"],  # of a 429 or 503
         )
     # Metrics and the access log see every answer, refusals included, under the root path.
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)

@@ -4,7 +4,8 @@ Each app has its own registry (`Metrics`), so apps built side by side (tests) ne
 counts. `MetricsMiddleware` records every HTTP request by route template (``/sessions/{id}``,
 never the raw path), method and status, its duration until the last byte, and for event
 streams the time to the first word. What the service holds is read when Prometheus scrapes,
-by `ServiceCollector`: readiness, the model, active sessions, and the engine's own counters
+by `ServiceCollector`: readiness, then for each model (labelled ``model="NAME"``) its card,
+active sessions, load time, reloads and refused reloads, and its engine's own counters
 (whatever ``engine.stats()`` reports; see `engine_stats`).
 """
 
@@ -100,7 +101,9 @@ def _number(value: object) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def _batch_histogram(name: str, doc: str, value: object) -> HistogramMetricFamily | None:
+def _batch_histogram(
+    name: str, doc: str, value: object, labels: Mapping[str, str]
+) -> HistogramMetricFamily | None:
     """``{size: steps}`` (or a list of sizes) as a histogram of rows per step."""
     if isinstance(value, Mapping):
         tally = {int(k): int(v) for k, v in value.items()}
@@ -114,38 +117,73 @@ def _batch_histogram(name: str, doc: str, value: object) -> HistogramMetricFamil
         buckets.append((str(float(bound)), seen))
     buckets.append(("+Inf", sum(tally.values())))
     total = float(sum(size * n for size, n in tally.items()))
-    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=total)
+    family = HistogramMetricFamily(name, doc, labels=list(labels))
+    family.add_metric(list(labels.values()), buckets, total)
+    return family
+
+
+def _one(
+    kind: type[GaugeMetricFamily | CounterMetricFamily],
+    name: str,
+    doc: str,
+    value: float,
+    labels: Mapping[str, str],
+) -> Metric:
+    family = kind(name, doc, labels=list(labels))
+    family.add_metric(list(labels.values()), value)
+    return family
+
+
+def _merge(families: dict[str, Metric], family: Metric) -> None:
+    """Add ``family``'s samples (one model's) to the family of that name (every model's)."""
+    if family.name in families:
+        families[family.name].samples.extend(family.samples)
+    else:
+        families[family.name] = family
 
 
 class ServiceCollector(Collector):
-    """What the app holds, read at scrape time from ``app.state``."""
+    """What the app holds, read at scrape time from ``app.state``: each model's figures are
+    labelled with its name (``model="..."``)."""
 
     def __init__(self, state: Any) -> None:
         self.state = state
 
     def collect(self) -> Iterator[Metric]:
-        service = getattr(self.state, "service", None)
+        models = getattr(self.state, "models", None)
         yield GaugeMetricFamily(
-            f"{PREFIX}_ready", "1 once the model is loaded and warmed up.", value=int(bool(service))
+            f"{PREFIX}_ready",
+            "1 once the models are loaded and warmed up.",
+            value=int(models is not None),
         )
-        if service is None:
+        if models is None:
             return
+        families: dict[str, Metric] = {}
         try:
-            yield from self._model(service)
-            yield from self._sessions(service)
-            yield from self._engine(service.engine)
+            for slot in models.slots:
+                labels = {"model": slot.name}
+                service = slot.service
+                for family in (
+                    *self._model(service, labels),
+                    *self._sessions(service, labels),
+                    *self._engine(service.engine, labels),
+                ):
+                    _merge(families, family)
+            for family in self._reloads(models):
+                _merge(families, family)
         except Exception:  # a scrape must not fail because one figure could not be read
             log.warning("some metrics could not be read", exc_info=True)
+        yield from families.values()
 
     @staticmethod
-    def _model(service: Any) -> Iterator[Metric]:
+    def _model(service: Any, labels: Mapping[str, str]) -> Iterator[Metric]:
         loaded = service.engine.checkpoint
         config = loaded.config
-        info = InfoMetricFamily(f"{PREFIX}_model", "The model being served.")
+        info = InfoMetricFamily(f"{PREFIX}_model", "The models being served.", labels=list(labels))
         info.add_metric(
-            [],
+            list(labels.values()),
             {
-                "model": str(service.model_id),
+                "version": str(service.model_id),
                 "run": loaded.run_dir.name,
                 "device": str(loaded.device),
                 "cell": str(config.cell),
@@ -155,28 +193,60 @@ class ServiceCollector(Collector):
             },
         )
         yield info
-        yield GaugeMetricFamily(
+        yield _one(
+            GaugeMetricFamily,
             f"{PREFIX}_model_parameters",
             "Parameters of the served model.",
-            value=count_parameters(loaded.model),
+            count_parameters(loaded.model),
+            labels,
+        )
+        yield _one(
+            GaugeMetricFamily,
+            f"{PREFIX}_model_loaded_timestamp_seconds",
+            "When the served version of the model was loaded.",
+            service.loaded_at.timestamp(),
+            labels,
         )
 
     @staticmethod
-    def _sessions(service: Any) -> Iterator[Metric]:
+    def _reloads(models: Any) -> Iterator[Metric]:
+        reloads = CounterMetricFamily(
+            f"{PREFIX}_model_reloads",
+            "New versions of a model loaded and swapped in while serving.",
+            labels=["model"],
+        )
+        failures = CounterMetricFamily(
+            f"{PREFIX}_model_reload_failures",
+            "New versions (or new models) refused because they failed to load.",
+            labels=["model"],
+        )
+        for name in sorted({*models.names, *models.failures}):
+            reloads.add_metric([name], models.reloads[name])
+            failures.add_metric([name], models.failures[name])
+        yield reloads
+        yield failures
+
+    @staticmethod
+    def _sessions(service: Any, labels: Mapping[str, str]) -> Iterator[Metric]:
         try:
             active = len(service.sessions)
         except TypeError:  # a store that cannot count cheaply
             return
-        yield GaugeMetricFamily(f"{PREFIX}_active_sessions", "Sessions kept now.", value=active)
+        yield _one(
+            GaugeMetricFamily, f"{PREFIX}_active_sessions", "Sessions kept now.", active, labels
+        )
 
     @staticmethod
-    def _engine(engine: object) -> Iterator[Metric]:
+    def _engine(engine: object, labels: Mapping[str, str] | None = None) -> Iterator[Metric]:
+        base = dict(labels or {})
         emitted: set[str] = set()
         stats = engine_stats(engine)
-        labels = {k: v for k, v in stats.items() if isinstance(v, str)}  # e.g. the engine kind
-        if labels:
-            info = InfoMetricFamily(f"{PREFIX}_engine", "What the engine says of itself.")
-            info.add_metric([], labels)
+        described = {k: v for k, v in stats.items() if isinstance(v, str)}  # the engine kind
+        if described:
+            info = InfoMetricFamily(
+                f"{PREFIX}_engine", "What the engine says of itself.", labels=list(base)
+            )
+            info.add_metric(list(base.values()), described)
             yield info
         for key, value in stats.items():
             kind, name, doc = ENGINE_METRICS.get(key, ("", "", ""))
@@ -189,13 +259,13 @@ class ServiceCollector(Collector):
                 continue
             metric: Metric | None
             if kind == "histogram":
-                metric = _batch_histogram(full, doc, value)
+                metric = _batch_histogram(full, doc, value, base)
             elif (number := _number(value)) is None:
                 metric = None
             elif kind == "counter":
-                metric = CounterMetricFamily(full, doc, value=number)
+                metric = _one(CounterMetricFamily, full, doc, number, base)
             else:
-                metric = GaugeMetricFamily(full, doc, value=number)
+                metric = _one(GaugeMetricFamily, full, doc, number, base)
             if metric is not None:
                 emitted.add(full)
                 yield metric

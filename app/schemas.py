@@ -20,6 +20,7 @@ MAX_WORD_CHARS = 100
 MAX_STOPS = 8
 MAX_STOP_CHARS = 100
 SESSION_ID_MAX_CHARS = 64
+MODEL_NAME_MAX_CHARS = 200
 
 OnUnknown = Literal["replace", "error"]
 
@@ -53,12 +54,24 @@ def _stop_strings(value: object) -> list[str]:
     return stops
 
 
+# What the validators above accept, as the API schema states it. A JSON Schema's ``\s`` is
+# not Python's: the class lists every character for which ``str.isspace()`` is true.
+NOT_WHITESPACE = r"[^\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+_Word = Annotated[
+    str, Field(min_length=1, max_length=MAX_WORD_CHARS, pattern=f"^{NOT_WHITESPACE}+$")
+]
+_Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+
 WordsOrText = Annotated[
     list[str] | str,
-    PlainValidator(_words_or_text, json_schema_input_type=list[str] | str),
+    PlainValidator(_words_or_text, json_schema_input_type=list[_Word] | str),
 ]
 StopStrings = Annotated[
-    list[str], PlainValidator(_stop_strings, json_schema_input_type=list[str] | str)
+    list[str],
+    PlainValidator(
+        _stop_strings,
+        json_schema_input_type=Annotated[list[_Stop], Field(max_length=MAX_STOPS)] | _Stop,
+    ),
 ]
 
 _SEED_WORDS = Field(
@@ -74,6 +87,13 @@ _ON_UNKNOWN = Field(
         "Seed words outside the vocabulary fall back to a case-insensitive match, then to "
         "<unk>, and are listed in unknown_words; 'error' rejects them with a 422 instead."
     ),
+)
+_MODEL = Field(
+    None,
+    min_length=1,
+    max_length=MODEL_NAME_MAX_CHARS,
+    description="The model to use: a name (or id) from GET /v1/models. Absent: the default "
+    "model. A session continues only on the model that created it.",
 )
 
 
@@ -118,6 +138,7 @@ class GenerateRequest(_Request):
     )
     stream: bool = Field(False, description="Send each word as a server-sent event.")
     on_unknown: OnUnknown = _ON_UNKNOWN
+    model: str | None = _MODEL
 
 
 class Usage(BaseModel):
@@ -159,6 +180,7 @@ class WordEventData(BaseModel):
 class SessionCreate(_Request):
     seed_words: WordsOrText | None = _SEED_WORDS
     on_unknown: OnUnknown = _ON_UNKNOWN
+    model: str | None = _MODEL
 
 
 class SessionPublic(BaseModel):
@@ -184,6 +206,7 @@ class NextWordsRequest(_Request):
     )
     top_k: int = Field(10, ge=1, description="How many words to suggest.")
     on_unknown: OnUnknown = _ON_UNKNOWN
+    model: str | None = _MODEL
 
 
 class WordProbability(BaseModel):
@@ -202,6 +225,7 @@ class NextWordsResponse(BaseModel):
 class ScoreRequest(_Request):
     text: WordsOrText = Field(description="A list of words, or a string the tokenizer splits.")
     on_unknown: OnUnknown = _ON_UNKNOWN
+    model: str | None = _MODEL
 
 
 class ScoredWord(BaseModel):
@@ -249,7 +273,9 @@ class Served(BaseModel):
 class InfoResponse(BaseModel):
     """The model card, the limits of this deployment, and what it has served."""
 
-    model: str
+    model: str = Field(description="The id of the weights served: it changes with each reload.")
+    name: str = Field(description="The name requests choose the model by.")
+    loaded_at: datetime = Field(description="When this version of the model was loaded.")
     run: str
     device: str
     created: str | None

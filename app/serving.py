@@ -2,12 +2,15 @@
 
 `TextService` checks a request against the loaded model and the settings (each problem named
 by its field), turns seed words into ids the way the model's tokenizer cuts them, runs the
-work on the engine, keeps sessions up to date, and builds the responses.
+work on the engine, keeps sessions up to date, and builds the responses. One service serves
+one loaded version of one model; ``app/models.py`` keeps them by name and swaps in a new one
+when its run folder commits new weights.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 import math
@@ -53,7 +56,7 @@ from app.schemas import (
 from app.sessions import Session, SessionStore
 from app.settings import Settings
 from app.text import SampleText
-from model_store.network import count_parameters
+from model_store.network import Hidden, count_parameters
 from model_store.sampling import SamplingParams
 
 log = logging.getLogger("app")
@@ -85,18 +88,45 @@ def _utc(timestamp: float) -> datetime:
     return datetime.fromtimestamp(timestamp, UTC)
 
 
-def _unknown_session(session_id: str) -> ApiError:
-    message = f"session {session_id!r} is unknown or has expired; create one with POST /sessions"
+def _unknown_session(session_id: str, model: str) -> ApiError:
+    message = (
+        f"session {session_id!r} is unknown or has expired (model {model!r}); create one with "
+        "POST /sessions, or send the model that created it"
+    )
     return ApiError(404, message, [("session_id", "unknown or expired")])
 
 
+def _state_shapes(hidden: Hidden) -> list[tuple[int, ...]]:
+    parts = hidden if isinstance(hidden, tuple) else (hidden,)
+    return [tuple(part.shape) for part in parts]
+
+
 class TextService:
-    def __init__(self, engine: Engine, sessions: SessionStore, settings: Settings) -> None:
+    def __init__(
+        self, engine: Engine, sessions: SessionStore, settings: Settings, *, name: str = ""
+    ) -> None:
         self.engine = engine
         self.sessions = sessions
         self.settings = settings
         self.vocab = engine.vocab
         self.model_id = engine.checkpoint.model_id
+        self.name = name or engine.checkpoint.run_dir.name
+        self.loaded_at = datetime.now(UTC)
+        config = engine.checkpoint.config
+        # A session's state on the CPU: (layers, 1, H), twice for an LSTM's (h, c).
+        self._state_shapes = [(config.layers, 1, config.hidden_dim)] * (
+            2 if config.cell == "lstm" else 1
+        )
+        self.owner: str | None = None  # whose sessions this service sees (see `for_owner`)
+
+    def for_owner(self, owner: str | None) -> TextService:
+        """This service acting for the caller whose API key has the fingerprint ``owner``:
+        the sessions it creates are that caller's, and it sees no one else's."""
+        if owner == self.owner:
+            return self
+        bound = copy.copy(self)
+        bound.owner = owner
+        return bound
 
     # -- shared steps -------------------------------------------------------------------------
 
@@ -121,9 +151,24 @@ class TextService:
         return Seed(tokens, ids, self.vocab.decode(ids), unknown)
 
     async def _session(self, session_id: str) -> Session:
-        session = await self.sessions.get(session_id)
+        session = await self.sessions.get(session_id, self.owner)
         if session is None:
-            raise _unknown_session(session_id)
+            raise _unknown_session(session_id, self.name)
+        return session
+
+    async def _continued_session(self, session_id: str) -> Session:
+        """A session to continue on this model: its state must have this model's shapes (a
+        session made before a reload to other shapes gets a 409, not a failed step)."""
+        session = await self._session(session_id)
+        shapes = _state_shapes(session.hidden)
+        if shapes != self._state_shapes:
+            raise ApiError(
+                409,
+                f"session {session_id!r} holds a state of shape {shapes} from an earlier "
+                f"version of model {self.name!r}; {self.model_id} needs {self._state_shapes}: "
+                "create a new session",
+                [("session_id", "made by a version of the model with another state shape")],
+            )
         return session
 
     async def _model(self, work: Awaitable[T]) -> T:
@@ -169,7 +214,7 @@ class TextService:
     async def _plan(self, req: GenerateRequest) -> _Plan:
         self._check(req)
         seed = self.encode(req.seed_words, req.on_unknown)
-        session = await self._session(req.session_id) if req.session_id else None
+        session = await self._continued_session(req.session_id) if req.session_id else None
         history: Sequence[str] = session.words if session else ()
         if session is not None:
             total = len(history) + len(seed.tokens) + req.max_words
@@ -314,15 +359,15 @@ class TextService:
                 "seed_words", f"at most {self.settings.session_max_words} words fit in a session"
             )
         hidden = await self._model(self.engine.prime(seed.ids, None))
-        session = await self.sessions.create(hidden, seed.tokens)
+        session = await self.sessions.create(hidden, seed.tokens, self.owner)
         return self._public(session, seed.unknown)
 
     async def get_session(self, session_id: str) -> SessionPublic:
         return self._public(await self._session(session_id))
 
     async def delete_session(self, session_id: str) -> None:
-        if not await self.sessions.delete(session_id):
-            raise _unknown_session(session_id)
+        if not await self.sessions.delete(session_id, self.owner):
+            raise _unknown_session(session_id, self.name)
 
     # -- suggestions and scoring --------------------------------------------------------------
 
@@ -330,7 +375,7 @@ class TextService:
         if req.top_k > len(self.vocab):
             raise ApiError.field("top_k", f"at most {len(self.vocab)} (the vocabulary size)")
         seed = self.encode(req.seed_words, req.on_unknown)
-        session = await self._session(req.session_id) if req.session_id else None
+        session = await self._continued_session(req.session_id) if req.session_id else None
         hidden = session.hidden if session else None
         ranked = await self._model(self.engine.next_words(seed.ids, hidden, req.top_k))
         return NextWordsResponse(
@@ -373,6 +418,8 @@ class TextService:
         settings, stats = self.settings, self.engine.counters
         return InfoResponse(
             model=self.model_id,
+            name=self.name,
+            loaded_at=self.loaded_at,
             run=loaded.run_dir.name,
             device=str(loaded.device),
             created=manifest.get("created"),

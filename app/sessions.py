@@ -9,6 +9,10 @@ process with a time-to-live from the last use and a maximum count, evicting the 
 used; `RedisSessionStore` keeps them in Redis, shared by several replicas behind a proxy.
 Updates are optimistic: `replace` succeeds only if the session has not changed since it was
 read, so two requests racing on one session cannot silently lose a continuation.
+
+A session belongs to the API key that created it: it records the key's fingerprint as its
+``owner`` (None without keys), and `get` and `delete` see it only for that same owner, so to
+any other key it is as unknown as a session that never existed.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class Session:
     created: float  # seconds since the epoch
     expires: float  # seconds since the epoch; moved on by each use
     version: int = 0
+    owner: str | None = None  # the fingerprint of the creator's API key
 
     def continued(self, hidden: Hidden, words: Sequence[str]) -> Session:
         """This session after ``words`` more, ending in ``hidden``."""
@@ -55,15 +60,18 @@ class Session:
 class SessionStore(Protocol):
     """Where sessions live. Every method may wait (a shared store is a network call)."""
 
-    async def create(self, hidden: Hidden, words: Sequence[str]) -> Session: ...
+    async def create(
+        self, hidden: Hidden, words: Sequence[str], owner: str | None = None
+    ) -> Session: ...
 
-    async def get(self, session_id: str) -> Session | None:
-        """The session, its expiry moved on; None when unknown or expired."""
+    async def get(self, session_id: str, owner: str | None = None) -> Session | None:
+        """The session, its expiry moved on; None when unknown, expired or someone else's."""
 
     async def replace(self, session: Session) -> bool:
         """Store ``session`` if the stored one still has ``session.version - 1``; else False."""
 
-    async def delete(self, session_id: str) -> bool: ...
+    async def delete(self, session_id: str, owner: str | None = None) -> bool:
+        """End the session if it is ``owner``'s; False when unknown, expired or someone else's."""
 
     async def close(self) -> None: ...
 
@@ -89,20 +97,24 @@ class MemorySessionStore:
                 break
             del self._sessions[oldest.id]
 
-    async def create(self, hidden: Hidden, words: Sequence[str]) -> Session:
+    async def create(
+        self, hidden: Hidden, words: Sequence[str], owner: str | None = None
+    ) -> Session:
         now = self._clock()
         self._expire(now)
         while len(self._sessions) >= self.max_sessions:
             self._sessions.popitem(last=False)
-        session = Session(new_session_id(), hidden, tuple(words), now, now + self.ttl_seconds)
+        session = Session(
+            new_session_id(), hidden, tuple(words), now, now + self.ttl_seconds, owner=owner
+        )
         self._sessions[session.id] = session
         return session
 
-    async def get(self, session_id: str) -> Session | None:
+    async def get(self, session_id: str, owner: str | None = None) -> Session | None:
         now = self._clock()
         self._expire(now)
         session = self._sessions.get(session_id)
-        if session is None:
+        if session is None or session.owner != owner:
             return None
         session = replace(session, expires=now + self.ttl_seconds)
         self._sessions[session_id] = session
@@ -119,9 +131,13 @@ class MemorySessionStore:
         self._sessions.move_to_end(session.id)
         return True
 
-    async def delete(self, session_id: str) -> bool:
+    async def delete(self, session_id: str, owner: str | None = None) -> bool:
         self._expire(self._clock())
-        return self._sessions.pop(session_id, None) is not None
+        session = self._sessions.get(session_id)
+        if session is None or session.owner != owner:
+            return False
+        del self._sessions[session_id]
+        return True
 
     async def close(self) -> None:
         self._sessions.clear()
@@ -147,6 +163,12 @@ redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
 """
 
+# Delete the session only if its owner is ARGV[1] ('' for a session without one).
+_DELETE_SCRIPT = """
+if (redis.call('HGET', KEYS[1], 'owner') or '') ~= ARGV[1] then return 0 end
+return redis.call('DEL', KEYS[1])
+"""
+
 
 class RedisSessionStore:
     """Sessions in Redis, shared by every replica: one hash per session with its expiry.
@@ -155,9 +177,14 @@ class RedisSessionStore:
     model that made it; a replica serving another model refuses it with a 409. Redis bounds the
     count (``maxmemory`` with a ``volatile-lru`` policy evicts the least recently used); the TTL
     is renewed by every use.
+
+    Format 2 adds the ``owner`` field. A session without an owner is still written as format
+    1, which replicas of the previous release read as before; an owned one is format 2, which
+    they refuse (409) rather than show to any key.
     """
 
     FORMAT = "1"
+    OWNED_FORMAT = "2"
 
     def __init__(
         self,
@@ -173,6 +200,7 @@ class RedisSessionStore:
         self._prefix = prefix
         self._clock = clock
         self._replace = client.register_script(_REPLACE_SCRIPT)
+        self._delete = client.register_script(_DELETE_SCRIPT)
 
     @classmethod
     def from_url(cls, url: str, ttl_seconds: float, model_id: str) -> RedisSessionStore:
@@ -200,9 +228,13 @@ class RedisSessionStore:
     def _ttl(self) -> int:
         return max(1, math.ceil(self.ttl_seconds))
 
-    async def create(self, hidden: Hidden, words: Sequence[str]) -> Session:
+    async def create(
+        self, hidden: Hidden, words: Sequence[str], owner: str | None = None
+    ) -> Session:
         now = self._clock()
-        session = Session(new_session_id(), hidden, tuple(words), now, now + self.ttl_seconds)
+        session = Session(
+            new_session_id(), hidden, tuple(words), now, now + self.ttl_seconds, owner=owner
+        )
         fields = {
             "format": self.FORMAT,
             "model": self.model_id,
@@ -211,13 +243,15 @@ class RedisSessionStore:
             "words": json.dumps(session.words),
             "hidden": _hidden_bytes(hidden),
         }
+        if owner is not None:
+            fields.update(format=self.OWNED_FORMAT, owner=owner)
         async with _unavailable_on_error(), self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(self._key(session.id), mapping=fields)
             pipe.expire(self._key(session.id), self._ttl)
             await pipe.execute()
         return session
 
-    async def get(self, session_id: str) -> Session | None:
+    async def get(self, session_id: str, owner: str | None = None) -> Session | None:
         key = self._key(session_id)
         async with _unavailable_on_error(), self._redis.pipeline(transaction=True) as pipe:
             pipe.hgetall(key)
@@ -226,8 +260,12 @@ class RedisSessionStore:
         if not stored:
             return None
         fields = {k.decode(): v for k, v in stored.items()}
+        stored_owner = fields["owner"].decode() if "owner" in fields else None
+        if stored_owner != owner:  # before the model check: tell another key nothing
+            return None
         model = fields.get("model", b"").decode()
-        if fields.get("format", b"").decode() != self.FORMAT or model != self.model_id:
+        known = (self.FORMAT, self.OWNED_FORMAT)
+        if fields.get("format", b"").decode() not in known or model != self.model_id:
             raise ForeignSessionError(session_id, model)
         return Session(
             id=session_id,
@@ -236,6 +274,7 @@ class RedisSessionStore:
             created=float(fields["created"]),
             expires=self._clock() + self.ttl_seconds,
             version=int(fields["version"]),
+            owner=stored_owner,
         )
 
     async def replace(self, session: Session) -> bool:
@@ -252,9 +291,10 @@ class RedisSessionStore:
             )
         return bool(done)
 
-    async def delete(self, session_id: str) -> bool:
+    async def delete(self, session_id: str, owner: str | None = None) -> bool:
         async with _unavailable_on_error():
-            return bool(await self._redis.delete(self._key(session_id)))
+            done = await self._delete(keys=[self._key(session_id)], args=[owner or ""])
+        return bool(done)
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from limits import parse_many
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from app.logs import LogFormat
@@ -19,6 +20,30 @@ from app.logs import LogFormat
 ENV_PREFIX = "WORDRNN_"
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+
+
+def read_key_file(path: Path) -> list[SecretStr]:
+    """The keys in ``path``: one a line; blank lines and lines starting with ``#`` are skipped.
+
+    An unreadable file, or one without a key, is an error that names the file: a typo in the
+    path must not start a server that accepts no key at all.
+    """
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ValueError(f"cannot read the API key file {path}: {reason}") from None
+    keys = []
+    for number, line in enumerate(lines, start=1):
+        key = line.strip()
+        if not key or key.startswith("#"):
+            continue
+        if any(c.isspace() for c in key):
+            raise ValueError(f"the API key file {path}, line {number}: a key holds a space")
+        keys.append(SecretStr(key))
+    if not keys:
+        raise ValueError(f"the API key file {path} holds no key")
+    return keys
 
 
 def _split_list(value: object) -> object:
@@ -41,7 +66,26 @@ class Settings(BaseSettings):
         validate_default=True,
     )
 
-    model_dir: Path = Field(description="The run folder written by the trainer.")
+    # Before model_dir: its validator needs exactly one of the two.
+    models_dir: Path | None = Field(
+        None,
+        description="A folder of run folders: each subfolder holding manifest.json is a model "
+        "named after the subfolder.",
+    )
+    model_dir: Path | None = Field(
+        None, description="The run folder written by the trainer (one model, named after it)."
+    )
+    default_model: str | None = Field(
+        None,
+        description="The model a request without 'model' gets; unset: the only model, else the "
+        "subfolder named 'default'.",
+    )
+    reload_interval_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="How often the run folders are checked for a newly committed checkpoint "
+        "(and the models folder for new models); 0 turns reloading off.",
+    )
     device: str = Field(
         "auto", description="auto (cuda when present, else cpu), cpu, cuda, cuda:N or mps."
     )
@@ -120,15 +164,67 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Origins allowed to call the API from a browser."
     )
+    # Before api_keys: its validator adds the file's keys.
+    api_keys_file: Path | None = Field(
+        None,
+        description="A file of API keys, one a line (blank lines and # comments ignored), "
+        "added to api_keys.",
+    )
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
         description="When set, model endpoints need 'Authorization: Bearer KEY' or 'X-API-Key'.",
+    )
+    rate_limit: str | None = Field(
+        None,
+        description="Requests each API key (without one, each client address) may make, in "
+        "the notation of the limits package: '60/minute', '10/second;100/minute'. Unset: no "
+        "limit. /healthz, /readyz and /metrics are never limited.",
     )
 
     @field_validator("cors_origins", "api_keys", mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)
+
+    @field_validator("api_keys_file")
+    @classmethod
+    def _api_keys_file(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            read_key_file(value)  # a bad file is an error of this setting
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _api_keys(cls, value: list[SecretStr], info: ValidationInfo) -> list[SecretStr]:
+        key_file = info.data.get("api_keys_file")  # absent when it failed its own check
+        keys = [*value, *(read_key_file(key_file) if key_file else [])]
+        for key in keys:
+            text = key.get_secret_value()
+            if not text or any(c.isspace() for c in text):
+                raise ValueError("an API key must not be empty or hold spaces")
+        # A key given twice (in the environment and the file, say) is checked once.
+        return list({key.get_secret_value(): key for key in keys}.values())
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_limit(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if any(item.amount < 1 for item in parse_many(value)):  # ValueError when unparsable
+            raise ValueError("each limit must allow at least 1 request")
+        return value
+
+    @field_validator("model_dir")
+    @classmethod
+    def _one_model_source(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if "models_dir" not in info.data:  # models_dir itself was refused
+            return value
+        given = info.data["models_dir"] is not None
+        if value is None and not given:
+            raise ValueError("set a run folder (or --models-dir for a folder of run folders)")
+        if value is not None and given:
+            raise ValueError("set a run folder or a models folder (--models-dir), not both")
+        return value
 
     @field_validator("root_path")
     @classmethod

@@ -1,9 +1,9 @@
-"""Real processes for the tests that need them: ``python -m app`` and nginx, on loopback.
+"""Real processes for the tests that need them: ``python -m app``, nginx and Redis, on loopback.
 
 Each waits for readiness by polling (never a fixed sleep) within a deadline, and is stopped
 by the test that started it, through a context manager. Ports: the app listens on port 0 and
-reports the port it got in its log; nginx cannot, so it gets a port that was free a moment
-before, and is started again on another one if that port was taken meanwhile.
+reports the port it got in its log; nginx and Redis cannot, so each gets a port that was free
+a moment before, and is started again on another one if that port was taken meanwhile.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -75,8 +76,20 @@ class App:
 
 
 @contextmanager
-def run_app(run_dir: Path, log_path: Path, *args: str, **env_vars: str) -> Iterator[App]:
-    """Start the app on a free port, wait until ``/readyz`` answers 200, stop it afterwards."""
+def run_app(
+    run_dir: Path,
+    log_path: Path,
+    *args: str,
+    launcher: Sequence[str] = ("-m", "app"),
+    source: str = "--model-dir",
+    **env_vars: str,
+) -> Iterator[App]:
+    """Start the app on a free port, wait until ``/readyz`` answers 200, stop it afterwards.
+
+    ``launcher`` is what runs the app after the Python executable: a test may give
+    ``("-c", CODE)`` for code that changes the app, then calls ``app.__main__.main``.
+    ``source="--models-dir"`` serves every run folder in ``run_dir`` instead of one.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("WORDRNN_")}
     # One torch thread, as in the test process: the test processes share few cores.
     env["OMP_NUM_THREADS"] = "1"
@@ -84,7 +97,7 @@ def run_app(run_dir: Path, log_path: Path, *args: str, **env_vars: str) -> Itera
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             [
-                *(sys.executable, "-m", "app", "--model-dir", str(run_dir), "--device", "cpu"),
+                *(sys.executable, *launcher, source, str(run_dir), "--device", "cpu"),
                 *("--host", "127.0.0.1", "--port", "0", *args),
             ],
             cwd=REPO,
@@ -139,6 +152,31 @@ class Nginx:
     def access_log(self) -> str:
         path = self.prefix / "logs" / "access.log"
         return path.read_text() if path.exists() else ""
+
+
+def deploy_site(name: str, replacements: dict[str, str]) -> Callable[[int], str]:
+    """The nginx site ``deploy/<name>`` with the test's addresses, as ``run_nginx`` takes it.
+
+    Each key of ``replacements`` must be in the file (a renamed directive fails here, not as a
+    confusing nginx error); the site then listens on the loopback port ``run_nginx`` gives it.
+    """
+    text = (REPO / "deploy" / name).read_text()
+    for old, new in replacements.items():
+        assert old in text, f"{old!r} is not in deploy/{name}"
+        text = text.replace(old, new)
+    assert "listen 80;" in text, f"deploy/{name} no longer listens on port 80"
+    return lambda port: text.replace("listen 80;", f"listen 127.0.0.1:{port};")
+
+
+def replicas_site(ports: Sequence[int], access_log: Path) -> Callable[[int], str]:
+    """``deploy/nginx.replicas.conf`` with one upstream server a replica listening on ``ports``
+    (instead of every address Docker's DNS gives for ``app``), logging to ``access_log``."""
+    text = (REPO / "deploy" / "nginx.replicas.conf").read_text()
+    line = re.search(r"^ *server app:8000 resolve([^;]*);$", text, re.M)
+    assert line, "deploy/nginx.replicas.conf has no `server app:8000 resolve ...;` line"
+    servers = "\n".join(f"    server 127.0.0.1:{port}{line.group(1)};" for port in ports)
+    replacements = {line.group(0): servers, "/var/log/nginx/access.log": str(access_log)}
+    return deploy_site("nginx.replicas.conf", replacements)
 
 
 def nginx_main_config(prefix: Path, site: Path) -> str:
@@ -208,3 +246,49 @@ def run_nginx(site_text: Callable[[int], str], prefix: Path) -> Iterator[Nginx]:
         )
         pid_file = prefix / "nginx.pid"
         wait_for(lambda: not pid_file.exists(), "nginx to stop", timeout=30)
+
+
+# -- Redis ------------------------------------------------------------------------------------
+
+
+def _redis_answers(server: subprocess.Popen[bytes], port: int) -> str | None:
+    """``up`` once the server answers PING, ``exited`` if it stopped (its port was taken)."""
+    if server.poll() is not None:
+        return "exited"
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
+            conn.sendall(b"PING\r\n")
+            return "up" if conn.recv(16).startswith(b"+PONG") else None
+    except OSError:
+        return None
+
+
+@contextmanager
+def run_redis(workdir: Path) -> Iterator[str]:
+    """A throwaway ``redis-server`` on a free loopback port, saving nothing; yields its URL."""
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is not installed"
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_path = workdir / "redis.log"
+    for _attempt in range(5):
+        port = free_port()
+        with log_path.open("wb") as log:
+            server = subprocess.Popen(
+                [
+                    *(binary, "--port", str(port), "--bind", "127.0.0.1"),
+                    *("--save", "", "--appendonly", "no", "--dir", str(workdir)),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        state = wait_for(partial(_redis_answers, server, port), "redis-server to answer PING")
+        if state == "up":
+            break
+        if "Address already in use" not in log_path.read_text(errors="replace"):
+            raise AssertionError(f"redis-server did not start:\n{log_path.read_text()}")
+    else:
+        raise AssertionError("no free port for redis-server after 5 tries")
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        stop(server)

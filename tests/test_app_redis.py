@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import logging
 import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,53 +15,15 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.settings import Settings
 from tests.conftest import MakeRun
+from tests.live_server import free_port, run_redis
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = _free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    server = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
-                    conn.sendall(b"PING\r\n")
-                    if conn.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError("redis-server did not start")
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+    with run_redis(tmp_path_factory.mktemp("redis")) as url:
+        yield url
 
 
 def replica(run_dir: Path, redis_url: str, **extra: object) -> TestClient:
@@ -116,8 +78,63 @@ def test_an_unreachable_redis_stops_start_up(tiny_run: Path) -> None:
             model_dir=tiny_run,
             device="cpu",
             session_store="redis",
-            redis_url=f"redis://127.0.0.1:{_free_port()}/0",
+            redis_url=f"redis://127.0.0.1:{free_port()}/0",
         )
     )
     with pytest.raises(Exception, match="cannot reach Redis"), TestClient(app):
         pass
+
+
+def stored_fields(client: TestClient, session: str) -> dict[bytes, bytes]:
+    store = client.app.state.service.sessions  # type: ignore[attr-defined]
+    assert client.portal is not None
+    return client.portal.call(store._redis.hgetall, store._key(session))  # type: ignore[no-any-return]
+
+
+def test_a_session_belongs_to_its_key_on_every_replica(tiny_run: Path, redis_url: str) -> None:
+    keys = {"api_keys": ["alpha-key", "beta-key"]}
+    alpha, beta = {"X-API-Key": "alpha-key"}, {"X-API-Key": "beta-key"}
+    with replica(tiny_run, redis_url, **keys) as a, replica(tiny_run, redis_url, **keys) as b:
+        made = a.post("/sessions", json={"seed_words": "I can"}, headers=alpha)
+        session = made.json()["session_id"]
+        fields = stored_fields(a, session)
+        assert fields[b"owner"] == hashlib.sha256(b"alpha-key").hexdigest().encode()
+        assert fields[b"format"] == b"2"  # refused by replicas that do not know owners
+        continued = {"session_id": session, "max_words": 2}
+        assert b.get(f"/sessions/{session}", headers=beta).status_code == 404
+        assert b.post("/generate", json=continued, headers=beta).status_code == 404
+        assert b.delete(f"/sessions/{session}", headers=beta).status_code == 404
+        assert b.post("/generate", json=continued, headers=alpha).status_code == 200
+        assert b.delete(f"/sessions/{session}", headers=alpha).status_code == 204
+
+
+def test_a_session_without_keys_keeps_the_first_format(tiny_run: Path, redis_url: str) -> None:
+    with replica(tiny_run, redis_url) as a:
+        session = post(a, "/sessions", seed_words="I can")["session_id"]
+        fields = stored_fields(a, str(session))
+        assert fields[b"format"] == b"1"
+        assert b"owner" not in fields
+
+
+def test_replicas_share_one_rate_limit_budget(tiny_run: Path, redis_url: str) -> None:
+    limit = {"rate_limit": "2/minute"}
+    with replica(tiny_run, redis_url, **limit) as a, replica(tiny_run, redis_url, **limit) as b:
+        assert a.get("/info").status_code == 200
+        assert b.get("/info").status_code == 200
+        refused = a.get("/info")
+        assert refused.status_code == 429
+        assert 1 <= int(refused.headers["retry-after"]) <= 60
+
+
+def test_rate_limits_let_requests_pass_while_redis_is_down(
+    tiny_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with contextlib.ExitStack() as own_redis:
+        url = own_redis.enter_context(run_redis(tmp_path / "redis"))
+        with replica(tiny_run, url, rate_limit="1/minute") as client:
+            assert [client.get("/info").status_code for _ in range(2)] == [200, 429]
+            own_redis.close()  # stops the server under the running replica
+            with caplog.at_level(logging.WARNING, logger="app"):
+                assert [client.get("/info").status_code for _ in range(3)] == [200] * 3
+            warnings = [r.getMessage() for r in caplog.records if "rate limits" in r.getMessage()]
+            assert len(warnings) == 1, warnings  # once for the outage, not once a request

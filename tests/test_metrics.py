@@ -74,7 +74,8 @@ def test_generated_words_and_time_to_first_word(client: TestClient) -> None:
     def delta(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
-    assert delta("wordrnn_generated_words_total") == plain["usage"]["generated_words"] + 5 + 4
+    words = delta("wordrnn_generated_words_total", model=client.get("/info").json()["name"])
+    assert words == plain["usage"]["generated_words"] + 5 + 4
     first_word = "wordrnn_time_to_first_word_seconds_count"
     assert delta(first_word, route="/generate") == 1  # the stream only
     assert delta(first_word, route="/v1/completions") == 1
@@ -86,16 +87,18 @@ def test_model_readiness_and_sessions(client: TestClient) -> None:
     samples = scrape(client)
     assert value(samples, "wordrnn_ready") == 1
     [model_labels] = [dict(labels) for name, labels in samples if name == "wordrnn_model_info"]
-    assert model_labels["model"] == info["model"]
+    assert model_labels["model"] == info["name"]
+    assert model_labels["version"] == info["model"]
     assert model_labels["vocab_size"] == str(info["vocab_size"])
     assert model_labels["cell"] == info["architecture"]["cell"]
-    assert value(samples, "wordrnn_model_parameters") == info["parameters"]
+    model = info["name"]
+    assert value(samples, "wordrnn_model_parameters", model=model) == info["parameters"]
 
-    active = value(samples, "wordrnn_active_sessions")
+    active = value(samples, "wordrnn_active_sessions", model=model)
     session = client.post("/sessions", json={"seed_words": "I can"}).json()["session_id"]
-    assert value(scrape(client), "wordrnn_active_sessions") == active + 1
+    assert value(scrape(client), "wordrnn_active_sessions", model=model) == active + 1
     client.delete(f"/sessions/{session}")
-    assert value(scrape(client), "wordrnn_active_sessions") == active
+    assert value(scrape(client), "wordrnn_active_sessions", model=model) == active
 
 
 def test_every_engine_statistic_is_exported(client: TestClient) -> None:

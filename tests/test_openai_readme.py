@@ -3,7 +3,8 @@
 Every ``curl`` command of a ``sh`` block that calls ``localhost:8000``, and every ``python``
 block that does, is run against ``python -m app`` (its port put in place of 8000): curl with
 bash, the Python blocks (the ``openai`` SDK examples) with this interpreter. A command passes
-when it exits with status 0 and prints no error body.
+when it exits with status 0 and prints no error body. The server serves a models folder with
+the README's models, ``default`` (the default) and ``lyrics``.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
+from tests.conftest import build_run
 from tests.live_server import REPO, App, run_app
 
 README = REPO / "README.md"
@@ -42,8 +43,11 @@ def python_examples() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
-    with run_app(tiny_run, tmp_path_factory.mktemp("readme") / "app.log") as app:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
+    root = tmp_path_factory.mktemp("readme")
+    for seed, name in enumerate(("default", "lyrics")):
+        build_run(root / "models" / name, seed=seed)
+    with run_app(root / "models", root / "app.log", source="--models-dir") as app:
         yield app
 
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.deps import ServiceDep
+from app.deps import ModelsDep
 from app.schemas import GenerateRequest, GenerateResponse
 
 router = APIRouter(tags=["bench"], include_in_schema=False)
 
 
 @router.post("/bench/generate-noop", response_model=GenerateResponse)
-async def generate_noop(req: GenerateRequest, service: ServiceDep) -> GenerateResponse:
-    return await service.generate_noop(req)
+async def generate_noop(req: GenerateRequest, models: ModelsDep) -> GenerateResponse:
+    return await models.run(req.model, lambda service: service.generate_noop(req))

@@ -9,9 +9,9 @@ from fastapi import APIRouter, Body
 from fastapi.openapi.models import Example
 from sse_starlette import EventSourceResponse
 
-from app.deps import ServiceDep
-from app.routes.responses import errors
-from app.schemas import GenerateRequest, GenerateResponse
+from app.deps import ModelsDep
+from app.routes.responses import component, errors, json_data
+from app.schemas import GenerateRequest, GenerateResponse, WordEventData
 
 router = APIRouter(tags=["generate"])
 
@@ -51,6 +51,15 @@ EXAMPLES: dict[str, Example] = {
     "start": {"summary": "From the start of a text", "value": {}},
 }
 
+
+def _event(name: str, data: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["event", "data"],
+        "properties": {"event": {"const": name}, "data": json_data(data)},
+    }
+
+
 STREAM_DOC: dict[str, Any] = {
     "description": (
         "With `stream: true`: server-sent events. One `word` event per generated word "
@@ -59,7 +68,14 @@ STREAM_DOC: dict[str, Any] = {
     ),
     "content": {
         "text/event-stream": {
-            "schema": {"type": "string"},
+            # Each event, as schemathesis and OpenAPI 3.2's itemSchema read it.
+            "schema": {
+                "oneOf": [
+                    _event("word", WordEventData.model_json_schema()),
+                    _event("done", component("GenerateResponse")),
+                    _event("error", component("ErrorResponse")),
+                ]
+            },
             "example": 'event: word\ndata: {"index":0,"word":"the","text":" the"}\n\n'
             'event: done\ndata: {"model":"...","finish_reason":"length"}\n\n',
         }
@@ -70,11 +86,11 @@ STREAM_DOC: dict[str, Any] = {
 @router.post(
     "/generate",
     response_model=GenerateResponse,
-    responses={200: STREAM_DOC, **errors(400, 401, 404, 409, 413, 422, 503, 504)},
+    responses={200: STREAM_DOC, **errors(400, 401, 404, 409, 413, 422, 429, 503, 504)},
     summary="Generate text",
 )
 async def generate(
-    req: Annotated[GenerateRequest, Body(openapi_examples=EXAMPLES)], service: ServiceDep
+    req: Annotated[GenerateRequest, Body(openapi_examples=EXAMPLES)], models: ModelsDep
 ) -> GenerateResponse | EventSourceResponse:
     """Continue the seed words (or a session) with the lab's stateful hidden-state sampling.
 
@@ -84,10 +100,10 @@ async def generate(
     if req.stream:
         stopping = anyio.Event()
         return EventSourceResponse(
-            await service.stream(req, stopping),
+            await models.stream(req.model, lambda service: service.stream(req, stopping)),
             headers=SSE_HEADERS,
             sep="\n",
             shutdown_event=stopping,
             shutdown_grace_period=SHUTDOWN_GRACE_SECONDS,
         )
-    return await service.generate(req)
+    return await models.run(req.model, lambda service: service.generate(req))

@@ -26,14 +26,16 @@ from app.completions import (
     ModelList,
     OpenAIError,
     OpenAIErrorResponse,
-    check_model,
     from_api_error,
     model_card,
 )
-from app.deps import ServiceDep
+from app.deps import ModelsDep
 from app.errors import ApiError
 from app.errors import _convert as validation_errors
 from app.routes.generate import SHUTDOWN_GRACE_SECONDS, SSE_HEADERS
+from app.routes.responses import RETRY_AFTER, component, json_data
+from app.schemas import MODEL_NAME_MAX_CHARS
+from app.serving import TextService
 
 
 def _error_response(error: OpenAIError) -> JSONResponse:
@@ -70,9 +72,28 @@ router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": OpenAIErrorResponse, "description": "The body is invalid: `param` names it."},
     401: {"model": OpenAIErrorResponse, "description": "A valid API key is required."},
-    404: {"model": OpenAIErrorResponse, "description": "No model has that id."},
+    404: {
+        "model": OpenAIErrorResponse,
+        "description": "No model has that id (code `model_not_found`; the message lists them).",
+    },
     413: {"model": OpenAIErrorResponse, "description": "The body is too large."},
-    503: {"model": OpenAIErrorResponse, "description": "Not ready or busy: retry later."},
+    429: {
+        "model": OpenAIErrorResponse,
+        "description": "Too many requests (code `rate_limit_exceeded`): retry after "
+        "`Retry-After` seconds.",
+        "headers": RETRY_AFTER,
+    },
+    503: {
+        "model": OpenAIErrorResponse,
+        "description": "Not ready or busy: retry later.",
+        "headers": RETRY_AFTER,
+    },
+}
+TIMEOUT: dict[int | str, dict[str, Any]] = {
+    504: {
+        "model": OpenAIErrorResponse,
+        "description": "The completion did not finish within the server's time limit.",
+    }
 }
 
 EXAMPLES: dict[str, Example] = {
@@ -106,7 +127,26 @@ STREAM_DOC: dict[str, Any] = {
     ),
     "content": {
         "text/event-stream": {
-            "schema": {"type": "string"},
+            # Each event, as schemathesis and OpenAPI 3.2's itemSchema read it.
+            "schema": {
+                "type": "object",
+                "required": ["data"],
+                "properties": {
+                    "data": {
+                        "anyOf": [
+                            {"const": "[DONE]"},
+                            json_data(
+                                {
+                                    "anyOf": [
+                                        component("Completion"),
+                                        component("OpenAIErrorResponse"),
+                                    ]
+                                }
+                            ),
+                        ]
+                    }
+                },
+            },
             "example": 'data: {"id":"cmpl-...","object":"text_completion","choices":'
             '[{"index":0,"text":" the","logprobs":null,"finish_reason":null}]}\n\n'
             "data: [DONE]\n\n",
@@ -119,33 +159,41 @@ STREAM_DOC: dict[str, Any] = {
     "/completions",
     response_model=Completion,
     response_model_exclude_none=True,
-    responses={200: STREAM_DOC, **ERRORS},
+    responses={200: STREAM_DOC, **ERRORS, **TIMEOUT},
     summary="Create a completion (OpenAI-compatible)",
 )
 async def create_completion(
-    req: Annotated[CompletionRequest, Body(openapi_examples=EXAMPLES)], service: ServiceDep
+    req: Annotated[CompletionRequest, Body(openapi_examples=EXAMPLES)], models: ModelsDep
 ) -> Completion | EventSourceResponse:
-    """OpenAI's completions API on this model: point an OpenAI client at `.../v1`."""
-    completions = Completions(service, req)
+    """OpenAI's completions API on the model `model` (the default model without one): point
+    an OpenAI client at `.../v1`."""
+
+    def completions(service: TextService) -> Completions:
+        return Completions(service, req, models.registry.card_id(service))
+
     if req.stream:
         stopping = anyio.Event()
         return EventSourceResponse(
-            await completions.stream(stopping),
+            await models.stream(req.model, lambda service: completions(service).stream(stopping)),
             headers=SSE_HEADERS,
             sep="\n",
             shutdown_event=stopping,
             shutdown_grace_period=SHUTDOWN_GRACE_SECONDS,
         )
-    return await completions.create()
+    return await models.run(req.model, lambda service: completions(service).create())
 
 
 @router.get("/models", response_model=ModelList, responses=ERRORS, summary="List the models")
-async def list_models(service: ServiceDep) -> ModelList:
-    """The one model this server serves."""
-    return ModelList(data=[model_card(service)])
+async def list_models(models: ModelsDep) -> ModelList:
+    """Every model this server serves, the default first, each with its card."""
+    registry = models.registry
+    names = sorted(registry.names, key=lambda name: name != registry.default_name)
+    return ModelList(data=[model_card(models.service(name), registry) for name in names])
 
 
 @router.get("/models/{model}", response_model=Model, responses=ERRORS, summary="Show a model")
-async def get_model(model: Annotated[str, Path(max_length=200)], service: ServiceDep) -> Model:
-    check_model(service, model)
-    return model_card(service)
+async def get_model(
+    model: Annotated[str, Path(max_length=MODEL_NAME_MAX_CHARS)], models: ModelsDep
+) -> Model:
+    """One model's card, by its id or name."""
+    return model_card(models.service(model), models.registry)

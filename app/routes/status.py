@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
 
-from app.deps import ServiceDep
+from fastapi import APIRouter, Query
+
+from app.deps import ModelsDep, ServiceDep
 from app.routes.responses import errors
-from app.schemas import InfoResponse, Status
+from app.schemas import MODEL_NAME_MAX_CHARS, InfoResponse, Status
 
 router = APIRouter(tags=["status"])
 info_router = APIRouter(tags=["status"])
@@ -25,9 +27,22 @@ async def readyz(service: ServiceDep) -> Status:
 
 
 @info_router.get(
-    "/info", response_model=InfoResponse, responses=errors(401, 503), summary="Model card"
+    "/info",
+    response_model=InfoResponse,
+    responses=errors(401, 404, 422, 429, 503),
+    summary="Model card",
 )
-async def info(service: ServiceDep) -> InfoResponse:
+async def info(
+    models: ModelsDep,
+    model: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=MODEL_NAME_MAX_CHARS,
+            description="A name from GET /v1/models (the default model when absent).",
+        ),
+    ] = None,
+) -> InfoResponse:
     """The model's architecture, vocabulary, tokenizer, training corpus digest, validation
-    perplexity, device and creation time, and the limits of this deployment."""
-    return service.info()
+    perplexity, device, creation and load times, and the limits of this deployment."""
+    return models.service(model).info()

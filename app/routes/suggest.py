@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body
 from fastapi.openapi.models import Example
 
-from app.deps import ServiceDep
+from app.deps import ModelsDep
 from app.routes.responses import errors
 from app.schemas import NextWordsRequest, NextWordsResponse, ScoreRequest, ScoreResponse
 
@@ -29,29 +29,29 @@ SCORE_EXAMPLES: dict[str, Example] = {
 @router.post(
     "/next-words",
     response_model=NextWordsResponse,
-    responses=errors(400, 401, 404, 413, 422, 503),
+    responses=errors(400, 401, 404, 409, 413, 422, 429, 503),
     summary="Suggest the next word",
 )
 async def next_words(
-    req: Annotated[NextWordsRequest, Body(openapi_examples=NEXT_EXAMPLES)], service: ServiceDep
+    req: Annotated[NextWordsRequest, Body(openapi_examples=NEXT_EXAMPLES)], models: ModelsDep
 ) -> NextWordsResponse:
     """The model's most likely next words after the seed words (or a session), with their
     probabilities, from one forward pass. <unk> and <bos> are never suggested."""
-    return await service.next_words(req)
+    return await models.run(req.model, lambda service: service.next_words(req))
 
 
 @router.post(
     "/score",
     response_model=ScoreResponse,
-    responses=errors(400, 401, 413, 422, 503),
+    responses=errors(400, 401, 404, 413, 422, 429, 503),
     summary="Score a text",
 )
 async def score(
-    req: Annotated[ScoreRequest, Body(openapi_examples=SCORE_EXAMPLES)], service: ServiceDep
+    req: Annotated[ScoreRequest, Body(openapi_examples=SCORE_EXAMPLES)], models: ModelsDep
 ) -> ScoreResponse:
     """Each word's probability given the words before it, and the text's perplexity.
 
     The text is read from the start-of-text state (<bos>), as training opened each document
     and as the validation perplexity was measured. Unknown words are scored as what the model
     saw (often <unk>) and flagged with `known: false`."""
-    return await service.score(req)
+    return await models.run(req.model, lambda service: service.score(req))
