@@ -7,9 +7,11 @@ Needs Debian's ``hey`` load generator (``apt-get install hey``): on two cores a 
 client saturates long before the server does, so it would measure itself.
 
 The model is the built-in default one: ``--run-dir`` (default ``runs/default``, what ``make
-serve`` trains). When that folder holds no run, one is trained the same way (``python -m
+serve`` trains; ``--model-dir`` is an alias). When no folder is given and ``runs/default``
+holds no run, one is trained the same way (``python -m
 training --corpus builtin:shakespeare --preset lstm``) for ``--train-minutes`` (default 5)
-into ``--cache-dir`` (default ``~/.cache/wordrnn/bench-default``) and reused next time.
+into ``--cache-dir`` (default ``~/.cache/wordrnn/bench-default``) and reused next time
+(``bench/server.py``, shared with the soak and overload runs).
 
 Three servers are started in turn, each the real thing (``python -m app``, uvicorn, HTTP on
 127.0.0.1, log level warning so that no access log is written):
@@ -49,8 +51,6 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -63,17 +63,13 @@ from typing import Any
 import httpx
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.server import REPO, BenchError, Server, add_model_args, model_dir, ms, percentile
+
 RESULTS = REPO / "bench" / "results" / "serve_load.json"
-DEFAULT_CACHE = Path.home() / ".cache" / "wordrnn" / "bench-default"
 WORDS = 25
 BODY = {"seed_words": "I can see", "max_words": WORDS}
 MODES = ("batched", "naive", "http")
 COMPUTE_BATCH = 64
-
-
-class BenchError(Exception):
-    """Something the benchmark needs is missing or broke; the message says what."""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -82,9 +78,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="Throughput and latency of the server under load: batched engine, naive "
         "engine and the HTTP ceiling, in one run.",
     )
-    parser.add_argument("--run-dir", type=Path, default=REPO / "runs" / "default")
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
-    parser.add_argument("--train-minutes", type=float, default=5.0)
+    add_model_args(parser)
     parser.add_argument("--concurrency", default="1,8,32,64,128")
     parser.add_argument("--requests", type=int, default=1000, help="per concurrency level")
     parser.add_argument(
@@ -98,6 +92,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="WORDRNN_TORCH_THREADS for the servers (default: the server's default)",
     )
+    parser.add_argument(
+        "--device", default="cpu", help="cpu (default, the figures in the README) or cuda[:N]"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     return parser.parse_args(argv)
 
@@ -105,28 +102,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # -- the model -------------------------------------------------------------------------------
 
 
-def model_dir(args: argparse.Namespace) -> Path:
-    """``--run-dir`` when it holds a run; else a default model trained once into the cache."""
-    if (args.run_dir / "manifest.json").is_file():
-        return Path(args.run_dir)
-    cached = Path(args.cache_dir)
-    if (cached / "manifest.json").is_file():
-        return cached
-    print(
-        f"no run in {args.run_dir}: training the default model for {args.train_minutes:g} "
-        f"minutes into {cached}",
-        file=sys.stderr,
-    )
-    command = [
-        sys.executable, "-m", "training", "--corpus", "builtin:shakespeare", "--out", str(cached),
-        "--preset", "lstm", "--max-minutes", str(args.train_minutes), "--quiet",
-    ]  # fmt: skip
-    if subprocess.run(command, cwd=REPO, check=False).returncode != 0:
-        raise BenchError("training the default model failed (see above)")
-    return cached
-
-
-def compute_words_per_second(run_dir: Path, batch: int = COMPUTE_BATCH) -> dict[str, Any]:
+def compute_words_per_second(
+    run_dir: Path, device: str = "cpu", batch: int = COMPUTE_BATCH
+) -> dict[str, Any]:
     """The model's own batched step, alone: logits, sampling, RNN cell, at ``batch`` rows.
 
     Timed with one torch thread and with torch's default; the best is COMPUTE (the higher
@@ -141,7 +119,7 @@ def compute_words_per_second(run_dir: Path, batch: int = COMPUTE_BATCH) -> dict[
         sample,
     )
 
-    loaded = checkpoint.load(run_dir, "cpu")
+    loaded = checkpoint.load(run_dir, device)
     model, vocab = loaded.model, loaded.vocab
     banned = list(vocab.special_ids)
     seed = vocab.encode_lenient(vocab.tokenize(str(BODY["seed_words"])))[0]
@@ -182,83 +160,29 @@ def best_compute(*runs: dict[str, Any]) -> dict[str, Any]:
 # -- the servers -----------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def start_server(
+    run_dir: Path, mode: str, logdir: Path, threads: int | None, device: str = "cpu"
+) -> Server:
+    """The server of one mode: its engine, and the no-op route for ``http``."""
+    args = ["--engine", "naive" if mode == "naive" else "batched"]
+    if mode == "http":
+        args.append("--bench-noop")
+    env = {"WORDRNN_TORCH_THREADS": str(threads)} if threads is not None else {}
+    return Server(run_dir, mode, logdir, args=args, env=env, device=device)
 
 
-class Server:
-    """``python -m app`` in a subprocess on a free port, its log in a temporary file."""
+def path_of(mode: str) -> str:
+    return "/bench/generate-noop" if mode == "http" else "/generate"
 
-    def __init__(self, run_dir: Path, mode: str, logdir: Path, threads: int | None) -> None:
-        self.port = free_port()
-        self.log_path = logdir / f"server-{mode}.log"
-        engine = "naive" if mode == "naive" else "batched"
-        command = [
-            sys.executable, "-m", "app", "--model-dir", str(run_dir), "--port", str(self.port),
-            "--device", "cpu", "--log-level", "warning", "--engine", engine,
-        ]  # fmt: skip
-        if mode == "http":
-            command.append("--bench-noop")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("WORDRNN_")}
-        if threads is not None:
-            env["WORDRNN_TORCH_THREADS"] = str(threads)
-        with self.log_path.open("w") as log:
-            self.process = subprocess.Popen(
-                command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
-            )
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.path = "/bench/generate-noop" if mode == "http" else "/generate"
 
-    def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        with httpx.Client(base_url=self.url, timeout=5) as http:
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise BenchError(f"the server exited:\n{self.log_tail()}")
-                try:
-                    if http.get("/readyz").status_code == 200:
-                        reply = http.post(self.path, json=BODY)
-                        if reply.status_code != 200 or len(reply.json()["words"]) != WORDS:
-                            raise BenchError(f"unexpected reply: {reply.text[:300]}")
-                        return
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.2)
-        raise BenchError(f"the server was not ready after {timeout:g} s:\n{self.log_tail()}")
-
-    def peak_rss_mib(self) -> float | None:
-        try:
-            status = Path(f"/proc/{self.process.pid}/status").read_text()
-        except OSError:
-            return None
-        for line in status.splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return None
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def log_tail(self) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-20:])
+def check_reply(server: Server, path: str) -> None:
+    """One request before the load: the reply has the words the load asks for."""
+    reply = httpx.post(server.url + path, json=BODY, timeout=60)
+    if reply.status_code != 200 or len(reply.json()["words"]) != WORDS:
+        raise BenchError(f"unexpected reply: {reply.text[:300]}")
 
 
 # -- load ------------------------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
 @dataclass
@@ -282,9 +206,9 @@ class Load:
             "seconds": busy,
             "requests_per_second": self.ok / busy if busy else 0.0,
             "words_per_second": self.ok * WORDS / busy if busy else 0.0,
-            "p50_ms": _ms(percentile(self.latencies, 50)),
-            "p95_ms": _ms(percentile(self.latencies, 95)),
-            "p99_ms": _ms(percentile(self.latencies, 99)),
+            "p50_ms": ms(percentile(self.latencies, 50)),
+            "p95_ms": ms(percentile(self.latencies, 95)),
+            "p99_ms": ms(percentile(self.latencies, 99)),
             "rounds": self.rounds,
         }
 
@@ -315,10 +239,6 @@ def run_hey(hey: str, url: str, load: Load, requests: int) -> None:
     load.seconds += busy
     load.latencies += [float(r["response-time"]) for r in rows]
     load.rounds.append({"ok": ok, "seconds": busy, "load_average": os.getloadavg()[0]})
-
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else seconds * 1000
 
 
 async def time_to_first_word(url: str, concurrency: int, count: int) -> dict[str, Any]:
@@ -362,10 +282,10 @@ async def time_to_first_word(url: str, concurrency: int, count: int) -> dict[str
         "concurrency": concurrency,
         "streams": count,
         "errors": errors,
-        "first_word_p50_ms": _ms(percentile(firsts, 50)),
-        "first_word_p95_ms": _ms(percentile(firsts, 95)),
-        "first_word_p99_ms": _ms(percentile(firsts, 99)),
-        "stream_p50_ms": _ms(percentile(totals, 50)),
+        "first_word_p50_ms": ms(percentile(firsts, 50)),
+        "first_word_p95_ms": ms(percentile(firsts, 95)),
+        "first_word_p99_ms": ms(percentile(firsts, 99)),
+        "stream_p50_ms": ms(percentile(totals, 50)),
     }
 
 
@@ -376,17 +296,20 @@ def bench_servers(
     round on every server in turn, so that drift on a shared machine hits all of them alike;
     streams last, then the peak RSS."""
     levels = [int(c) for c in args.concurrency.split(",")]
-    servers = {mode: Server(run_dir, mode, logdir, args.torch_threads) for mode in modes}
+    servers = {
+        mode: start_server(run_dir, mode, logdir, args.torch_threads, args.device) for mode in modes
+    }
     out: dict[str, Any] = {mode: {"levels": []} for mode in modes}
     try:
-        for server in servers.values():
+        for mode, server in servers.items():
             server.wait_ready()
-            run_hey(hey, server.url + server.path, Load(8), 200)  # warm-up
+            check_reply(server, path_of(mode))
+            run_hey(hey, server.url + path_of(mode), Load(8), 200)  # warm-up
         for concurrency in levels:
             loads = {mode: Load(concurrency) for mode in modes}
             for _ in range(args.rounds):
                 for mode, server in servers.items():
-                    url = server.url + server.path
+                    url = server.url + path_of(mode)
                     run_hey(hey, url, loads[mode], -(-args.requests // args.rounds))
             for mode in modes:
                 level = loads[mode].summary()
@@ -525,14 +448,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run_dir = model_dir(args)
         print(f"model: {run_dir}", file=sys.stderr)
-        before = compute_words_per_second(run_dir)
+        before = compute_words_per_second(run_dir, args.device)
         print(f"COMPUTE: {before['by_torch_threads']} words/s at batch {COMPUTE_BATCH} "
               "(by torch threads)", file=sys.stderr)  # fmt: skip
         load_before = os.getloadavg()
         with tempfile.TemporaryDirectory(prefix="serve-load-") as logdir:
             results = bench_servers(run_dir, hey, args, modes, Path(logdir))
         load_after = os.getloadavg()
-        compute = best_compute(before, compute_words_per_second(run_dir))
+        compute = best_compute(before, compute_words_per_second(run_dir, args.device))
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -48,7 +48,9 @@ def shakespeare_words(limit: int) -> list[str]:
     return words[:limit]
 
 
-def run_trainer(config: TrainConfig, corpus: Corpus, workdir: Path) -> dict[str, Any]:
+def run_trainer(
+    config: TrainConfig, corpus: Corpus, workdir: Path, device: str = "cpu"
+) -> dict[str, Any]:
     """Train in-process for ``config.max_minutes``; words/s counts training iterations only."""
     dataset = build_dataset(
         corpus,
@@ -60,7 +62,7 @@ def run_trainer(config: TrainConfig, corpus: Corpus, workdir: Path) -> dict[str,
         max_vocab=config.max_vocab,
     )
     run_dir = Path(tempfile.mkdtemp(dir=workdir))
-    trainer = Trainer(config, dataset, run_dir, torch.device("cpu"))
+    trainer = Trainer(config, dataset, run_dir, torch.device(device))
     trainer.start_new()
     summary = trainer.run()
     return {
@@ -94,7 +96,7 @@ def throughput(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     epochs=1000,
                     print_every=0,
                     predict_every=0,
-                    device="cpu",
+                    device=args.device,
                     seed=rep,
                     log=lambda _: None,
                 )
@@ -104,7 +106,7 @@ def throughput(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     "vocab_size": res["vocab_size"],
                 }
             else:
-                res = run_trainer(cfg, corpus, workdir)
+                res = run_trainer(cfg, corpus, workdir, args.device)
             print(f"  [{rep + 1}/{args.repeats}] {name}: {res['words_per_second']:,.0f} words/s")
             if name not in best or res["words_per_second"] > best[name]["words_per_second"]:
                 best[name] = res
@@ -134,7 +136,7 @@ def quality(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     results = {}
     for name, cfg in variants.items():
         started = time.monotonic()
-        res = run_trainer(cfg, corpus, workdir)
+        res = run_trainer(cfg, corpus, workdir, args.device)
         res["tokenizer"] = cfg.tokenizer
         res["wall_seconds"] = time.monotonic() - started
         print(
@@ -194,6 +196,9 @@ def main() -> int:
         type=float,
         default=3,
         help="training budget of each preset in the quality part (default: 3)",
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="cpu (default, the figures in the README) or cuda[:N]"
     )
     parser.add_argument("--skip-quality", action="store_true", help="throughput part only")
     parser.add_argument(
