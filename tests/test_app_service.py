@@ -111,6 +111,7 @@ def test_a_valid_api_key_is_accepted(keyed: TestClient, headers: dict[str, str])
         ("POST", "/next-words", {}),
         ("POST", "/score", {}),
         ("GET", "/info", {"Authorization": "Basic a2V5LW9uZTo="}),
+        ("GET", "/metrics", {}),
     ],
 )
 def test_model_endpoints_need_a_key_when_keys_are_set(
@@ -123,8 +124,14 @@ def test_model_endpoints_need_a_key_when_keys_are_set(
 
 
 def test_probes_and_docs_need_no_key(keyed: TestClient) -> None:
-    for path in ("/healthz", "/readyz", "/docs", "/openapi.json"):
+    for path in ("/healthz", "/readyz", "/docs", "/openapi.json", "/"):
         assert keyed.get(path).status_code == 200, path
+
+
+def test_metrics_are_scraped_with_a_key(keyed: TestClient) -> None:
+    response = keyed.get("/metrics", headers={"Authorization": "Bearer key-one"})
+    assert response.status_code == 200
+    assert "wordrnn_" in response.text
 
 
 def test_cors_lets_only_the_configured_origins_in(tiny_run: Path) -> None:
