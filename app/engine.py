@@ -777,6 +777,14 @@ class Engine:
             raise EngineBusy(f"{self._pending} requests are already queued or running")
         self._pending += 1
 
+    def refuse_if_full(self) -> bool:
+        """Whether new work would be refused now for a full queue (counted as refused if so):
+        lets the HTTP layer answer before reading a request that `submit` would refuse."""
+        with self._cond:
+            full = self._pending >= self.max_pending
+            self.counters.rejected += full
+        return full
+
     def submit(self, job: GenerationJob) -> Generation:
         """Queue a generation; raises EngineBusy when the queue is full, EngineClosed when
         the engine is stopping. Its deadline is ``timeout_seconds`` from now."""

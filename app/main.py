@@ -22,7 +22,12 @@ from app.deps import require_api_key
 from app.errors import install_error_handlers
 from app.logs import RequestLogMiddleware
 from app.metrics import Metrics, MetricsMiddleware
-from app.middleware import BodyLimitMiddleware, RootPathMiddleware, StartupErrorMiddleware
+from app.middleware import (
+    AdmissionMiddleware,
+    BodyLimitMiddleware,
+    RootPathMiddleware,
+    StartupErrorMiddleware,
+)
 from app.models import ModelRegistry
 from app.ratelimit import RateLimitMiddleware
 from app.routes import api_router, bench
@@ -134,8 +139,10 @@ def create_app(
     if settings.bench_noop:
         app.include_router(bench.router, dependencies=[Depends(require_api_key)])
     # The last added runs first: the root path, then CORS (so refusals carry its headers too),
-    # then the body limit; the start-up middleware only sees the lifespan.
+    # the rate limit, early refusals when the engines are full, then the body limit; the
+    # start-up middleware only sees the lifespan.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(AdmissionMiddleware, state=app.state)
     if settings.rate_limit:  # inside CORS, so that a browser can read its 429s
         app.add_middleware(RateLimitMiddleware, settings=settings)
     if settings.cors_origins:

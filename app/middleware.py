@@ -1,12 +1,16 @@
-"""Plain ASGI middleware: the body size limit, the proxy sub-path, one-line start-up failures."""
+"""Plain ASGI middleware: the body size limit, early refusals when the engines are full, the
+proxy sub-path, one-line start-up failures."""
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import StartupError, error_body
+from app.completions import from_api_error
+from app.errors import ApiError, StartupError, error_body
 
 
 async def _send_json(send: Send, status: int, body: dict[str, object]) -> None:
@@ -23,6 +27,54 @@ async def _send_json(send: Send, status: int, body: dict[str, object]) -> None:
         }
     )
     await send({"type": "http.response.body", "body": payload})
+
+
+def app_path(scope: Scope) -> str:
+    """The path without the proxy's sub-path (``root_path``), as the routes declare it."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+class AdmissionMiddleware:
+    """Refuse a generation at once, before its body is read, when the engine's queue is full.
+
+    The engine would refuse it anyway (a 503 with ``Retry-After``); answering here skips the
+    routing, the body and its validation, so that under a flood the event loop spends its
+    time on the requests it can serve, and on the probes. Only with one model: with several,
+    which one a request wants is in its body, and the routes refuse it. ``state`` is
+    ``app.state``, whose ``models`` registry is None until the models are loaded.
+    """
+
+    PATHS = frozenset({"/generate", "/v1/completions"})
+
+    def __init__(self, app: ASGIApp, state: Any) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and app_path(scope) in self.PATHS
+            and self._refused()
+        ):
+            error = ApiError(503, "the model is busy; retry shortly", headers={"Retry-After": "1"})
+            if app_path(scope).startswith("/v1/"):
+                openai = from_api_error(error)
+                response = JSONResponse(openai.body(), openai.status, headers=openai.headers)
+            else:
+                response = JSONResponse(error.body(), error.status, headers=error.headers)
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _refused(self) -> bool:
+        registry = self.state.models
+        if registry is None:  # not ready yet, or stopping: the routes say so
+            return False
+        slots = registry.slots
+        return len(slots) == 1 and slots[0].service.engine.refuse_if_full()
 
 
 class BodyLimitMiddleware:

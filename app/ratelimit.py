@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from app.completions import OpenAIError
 from app.deps import key_owner, presented_key
 from app.errors import error_body
+from app.middleware import app_path
 from app.settings import Settings
 
 log = logging.getLogger("app")
@@ -53,13 +54,6 @@ def _storage(settings: Settings) -> Storage:
     return MemoryStorage()
 
 
-def _app_path(scope: Scope) -> str:
-    """The path without the proxy's sub-path (``root_path``), as the routes declare it."""
-    path: str = scope["path"]
-    root: str = scope.get("root_path", "")
-    return path[len(root) :] if root and path.startswith(root) else path
-
-
 class RateLimitMiddleware:
     """Answer 429 with ``Retry-After`` to a caller past its budget, before its body is read."""
 
@@ -72,7 +66,7 @@ class RateLimitMiddleware:
         self._storage_failing = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = _app_path(scope) if scope["type"] == "http" else ""
+        path = app_path(scope) if scope["type"] == "http" else ""
         if scope["type"] != "http" or path in EXEMPT_PATHS:
             await self.app(scope, receive, send)
             return

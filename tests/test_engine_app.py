@@ -109,17 +109,25 @@ def test_a_full_queue_answers_503_at_once_with_retry_after(
             # The model is held inside a step: these are answered without waiting for it.
             refused = await http.post("/generate", json={"max_words": 4})
             refused_stream = await http.post("/generate", json={"max_words": 4, "stream": True})
+            # Refused before the body is read: malformed JSON gets the 503, not a 400.
+            unread = await http.post(
+                "/generate", content=b"{not json", headers={"content-type": "application/json"}
+            )
+            refused_openai = await http.post("/v1/completions", json={"prompt": "I"})
             health = await http.get("/healthz")
             assert not gate.opened.is_set()
             gate.opened.set()
             done = await asyncio.gather(*held)
-        for response in (refused, refused_stream):
+        for response in (refused, refused_stream, unread):
             assert response.status_code == 503
             assert response.headers["retry-after"] == "1"
             assert "busy" in response.json()["detail"]
+        assert refused_openai.status_code == 503
+        assert refused_openai.headers["retry-after"] == "1"
+        assert refused_openai.json()["error"]["type"] == "server_error"
         assert health.status_code == 200
         assert [r.status_code for r in done] == [200, 200, 200]
-        assert engine.stats()["rejected"] == 2
+        assert engine.stats()["rejected"] == 4
 
     asyncio.run(scenario())
 
