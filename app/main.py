@@ -25,6 +25,7 @@ from app.metrics import Metrics, MetricsMiddleware
 from app.middleware import (
     AdmissionMiddleware,
     BodyLimitMiddleware,
+    HeaderLimitMiddleware,
     RootPathMiddleware,
     StartupErrorMiddleware,
 )
@@ -139,10 +140,11 @@ def create_app(
     if settings.bench_noop:
         app.include_router(bench.router, dependencies=[Depends(require_api_key)])
     # The last added runs first: the root path, then CORS (so refusals carry its headers too),
-    # the rate limit, early refusals when the engines are full, then the body limit; the
-    # start-up middleware only sees the lifespan.
+    # the rate limit, the header limit, early refusals when the engine is full, then the body
+    # limit; the start-up middleware only sees the lifespan.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(AdmissionMiddleware, state=app.state)
+    app.add_middleware(HeaderLimitMiddleware, max_bytes=settings.max_header_bytes)
     if settings.rate_limit:  # inside CORS, so that a browser can read its 429s
         app.add_middleware(RateLimitMiddleware, settings=settings)
     if settings.cors_origins:

@@ -1,5 +1,5 @@
-"""Plain ASGI middleware: the body size limit, early refusals when the engines are full, the
-proxy sub-path, one-line start-up failures."""
+"""Plain ASGI middleware: the header and body size limits, early refusals when the engine is
+full, the proxy sub-path, one-line start-up failures."""
 
 from __future__ import annotations
 
@@ -75,6 +75,26 @@ class AdmissionMiddleware:
             return False
         slots = registry.slots
         return len(slots) == 1 and slots[0].service.engine.refuse_if_full()
+
+
+class HeaderLimitMiddleware:
+    """Refuse a request whose header lines add up to more than ``max_bytes`` with a 431.
+
+    uvicorn bounds only headers that arrive in pieces; this bounds all of them, whatever the
+    client's pace, before anything else reads them."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            size = sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+            if size > self.max_bytes:
+                message = f"the request's headers are larger than {self.max_bytes} bytes"
+                await _send_json(send, 431, error_body(message, [("headers", message)]))
+                return
+        await self.app(scope, receive, send)
 
 
 class BodyLimitMiddleware:

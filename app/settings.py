@@ -115,6 +115,9 @@ class Settings(BaseSettings):
         1000, ge=1, description="Most seed words in a request (and words in a text to score)."
     )
     max_body_bytes: int = Field(65_536, ge=1_024, description="Largest request body accepted.")
+    max_header_bytes: int = Field(
+        16_384, ge=1_024, description="Largest request headers accepted (all lines together)."
+    )
     max_pending: int = Field(
         256,
         ge=1,

@@ -146,6 +146,20 @@ def test_a_chunked_oversized_body_is_refused_while_reading(tiny_run: Path) -> No
     assert received == MAX_BODY // len(chunk) + 1
 
 
+@pytest.mark.parametrize("path", ["/healthz", "/generate"])
+def test_oversized_headers_are_refused_before_anything_reads_them(
+    client: TestClient, path: str
+) -> None:
+    big = {f"x-filler-{i}": "y" * 1000 for i in range(20)}  # 20 kB, one header line or many
+    response = client.post(path, json={"max_words": 1}, headers=big)
+    error = assert_error(response, 431, "headers")
+    assert "larger than 16384 bytes" in error["detail"]
+    assert client.post(path, json={"max_words": 1}, headers={"x-one": "y" * 1000}).status_code in (
+        200,
+        405,
+    )
+
+
 def test_a_body_just_under_the_limit_is_read(client: TestClient) -> None:
     body = json.dumps({"seed_words": "I " * 40, "max_words": 2}).encode()
     body += b" " * (MAX_BODY - len(body))
