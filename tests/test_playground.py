@@ -134,9 +134,10 @@ def test_the_playground_in_a_browser(served: str, tmp_path: Path) -> None:
             page.on("pageerror", lambda error: console.append(f"page error: {error}"))
             page.goto(served)
 
-            # The model card, from /info, under the sub-path.
+            # The model card, from /info, under the sub-path; one model: no picker.
             expect(page.locator("#model-name")).to_have_text(re.compile(r"^run-[0-9a-f]{12}$"))
             expect(page.locator("#model-card")).to_contain_text("lstm")
+            expect(page.locator("#model-choice")).to_be_hidden()
 
             page.fill("#seed", "I can see Zanzibar")
             page.fill("#top-k", "5")
@@ -195,3 +196,42 @@ def test_the_playground_in_a_browser(served: str, tmp_path: Path) -> None:
     assert all(r.url.startswith(origin + "/textgen/") for r in requests), [r.url for r in requests]
     assert not [m for m in console if "Content Security Policy" in m or "page error" in m]
     assert (tmp_path / "playground.png").stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def served_models(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("playground-models")
+    build_run(root / "models" / "default", cell="gru", seed=1)
+    build_run(root / "models" / "poems", cell="lstm", seed=2)
+    with run_app(root / "models", root / "app.log", source="--models-dir") as app:
+        yield f"{app.url}/"
+
+
+@pytest.mark.skipif(
+    not CHROMIUM.exists(),
+    reason="Chromium is not installed (apt-get install chromium; .ci/run installs it)",
+)
+def test_the_playground_picks_one_of_several_models(served_models: str) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            requests: list[Any] = []
+            page.on("request", lambda request: requests.append(request))
+            page.goto(served_models)
+            expect(page.locator("#model-choice")).to_be_visible()
+            expect(page.locator("#model option")).to_have_count(2)
+            expect(page.locator("#model-card")).to_contain_text("gru")  # the default first
+
+            page.select_option("#model", "poems")
+            expect(page.locator("#model-card")).to_contain_text("lstm")
+            page.fill("#max-words", "5")
+            page.click("#generate")
+            expect(page.locator("#status")).to_contain_text("ended by", timeout=30_000)
+            expect(page.locator("#output .word")).to_have_count(5)
+        finally:
+            browser.close()
+    posts = [r.post_data_json for r in requests if r.method == "POST"]
+    assert [body["model"] for body in posts] == ["poems", "poems"]  # the session, its words

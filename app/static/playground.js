@@ -2,7 +2,8 @@
 //
 // "Generate" starts a session from the seed words (POST sessions), then streams words into
 // it (POST generate with stream: true); "Continue" streams more words into the same session.
-// Every URL is relative to the page, so it works under a proxy's sub-path too.
+// A server with several models (GET v1/models) gets a model picker; every request then names
+// the chosen one. Every URL is relative to the page, so it works under a proxy's sub-path too.
 "use strict";
 
 (() => {
@@ -14,6 +15,7 @@
   const buttons = { generate: $("generate"), continue: $("continue"), stop: $("stop") };
   // The request fields each input sets, to point at the input a 4xx names.
   const inputs = {
+    model: $("model"),
     seed_words: $("seed"),
     top_k: $("top-k"),
     temperature: $("temperature"),
@@ -29,6 +31,11 @@
     const key = $("api-key").value.trim();
     if (key) h.Authorization = "Bearer " + key;
     return h;
+  }
+
+  // The model field of a request: only when the picker is shown (a server with several models).
+  function chosenModel() {
+    return $("model-choice").hidden ? {} : { model: inputs.model.value };
   }
 
   // -- errors ----------------------------------------------------------------------------------
@@ -199,7 +206,7 @@
     const created = await fetch("sessions", {
       method: "POST",
       headers: headers(),
-      body: JSON.stringify(seedWords.trim() ? { seed_words: seedWords } : {}),
+      body: JSON.stringify({ ...chosenModel(), ...(seedWords.trim() ? { seed_words: seedWords } : {}) }),
       signal: controller.signal,
     });
     if (!created.ok) {
@@ -214,11 +221,11 @@
     }
     sessionId = session.session_id;
     renderSeed(session);
-    await stream({ session_id: sessionId, ...sampling() }, controller);
+    await stream({ ...chosenModel(), session_id: sessionId, ...sampling() }, controller);
   }
 
   async function continueText(controller) {
-    await stream({ session_id: sessionId, ...sampling() }, controller);
+    await stream({ ...chosenModel(), session_id: sessionId, ...sampling() }, controller);
   }
 
   form.addEventListener("submit", (event) => {
@@ -268,7 +275,8 @@
 
   async function loadCard() {
     try {
-      const response = await fetch("info", { headers: headers() });
+      const query = $("model-choice").hidden ? "" : `?model=${encodeURIComponent(inputs.model.value)}`;
+      const response = await fetch(`info${query}`, { headers: headers() });
       if (!response.ok) {
         const body = await errorOf(response);
         $("model-name").textContent = body.detail || `model card unavailable (${response.status})`;
@@ -280,6 +288,35 @@
     }
   }
 
-  $("api-key").addEventListener("change", loadCard);
-  loadCard();
+  // The picker, shown when the server has more than one model (default first).
+  async function loadModels() {
+    try {
+      const response = await fetch("v1/models", { headers: headers() });
+      if (!response.ok) return;
+      const models = (await response.json()).data || [];
+      if (models.length < 2) return;
+      const previous = inputs.model.value;
+      inputs.model.replaceChildren(
+        ...models.map((m) => new Option(m.default ? `${m.id} (default)` : m.id, m.id)),
+      );
+      if (models.some((m) => m.id === previous)) inputs.model.value = previous;
+      $("model-choice").hidden = false;
+    } catch (err) {
+      // No picker: requests go to the default model.
+    }
+  }
+
+  async function loadAll() {
+    await loadModels();
+    await loadCard();
+  }
+
+  // A session belongs to its model: another model starts a new text.
+  inputs.model.addEventListener("change", () => {
+    sessionId = null;
+    setRunning(running);
+    loadCard();
+  });
+  $("api-key").addEventListener("change", loadAll);
+  loadAll();
 })();
