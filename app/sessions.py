@@ -253,10 +253,8 @@ class RedisSessionStore:
 
     async def get(self, session_id: str, owner: str | None = None) -> Session | None:
         key = self._key(session_id)
-        async with _unavailable_on_error(), self._redis.pipeline(transaction=True) as pipe:
-            pipe.hgetall(key)
-            pipe.expire(key, self._ttl)
-            stored, _ = await pipe.execute()
+        async with _unavailable_on_error():
+            stored = await self._redis.hgetall(key)
         if not stored:
             return None
         fields = {k.decode(): v for k, v in stored.items()}
@@ -267,6 +265,8 @@ class RedisSessionStore:
         known = (self.FORMAT, self.OWNED_FORMAT)
         if fields.get("format", b"").decode() not in known or model != self.model_id:
             raise ForeignSessionError(session_id, model)
+        async with _unavailable_on_error():  # a use by its owner moves its expiry on
+            await self._redis.expire(key, self._ttl)
         return Session(
             id=session_id,
             hidden=_hidden_from_bytes(fields["hidden"]),

@@ -108,6 +108,24 @@ def test_a_session_belongs_to_its_key_on_every_replica(tiny_run: Path, redis_url
         assert b.delete(f"/sessions/{session}", headers=alpha).status_code == 204
 
 
+def test_only_the_owner_moves_a_sessions_expiry_on(tiny_run: Path, redis_url: str) -> None:
+    settings = {"api_keys": ["alpha-key", "beta-key"], "session_ttl_seconds": 30}
+    with replica(tiny_run, redis_url, **settings) as a:
+        made = a.post("/sessions", json={"seed_words": "I"}, headers={"X-API-Key": "alpha-key"})
+        session = made.json()["session_id"]
+        store = a.app.state.service.sessions  # type: ignore[attr-defined]
+        assert a.portal is not None
+
+        def ttl() -> int:
+            return int(a.portal.call(store._redis.ttl, store._key(session)))  # type: ignore[union-attr]
+
+        a.portal.call(store._redis.expire, store._key(session), 5)
+        assert a.get(f"/sessions/{session}", headers={"X-API-Key": "beta-key"}).status_code == 404
+        assert ttl() <= 5  # another key's look renews nothing
+        assert a.get(f"/sessions/{session}", headers={"X-API-Key": "alpha-key"}).status_code == 200
+        assert ttl() > 5
+
+
 def test_a_session_without_keys_keeps_the_first_format(tiny_run: Path, redis_url: str) -> None:
     with replica(tiny_run, redis_url) as a:
         session = post(a, "/sessions", seed_words="I can")["session_id"]
