@@ -47,7 +47,6 @@ import csv
 import io
 import json
 import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -67,6 +66,8 @@ from bench.server import (
     BenchError,
     Server,
     add_model_args,
+    add_torch_threads_arg,
+    find_hey,
     model_dir,
     ms,
     percentile,
@@ -99,12 +100,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="the most a 429/503 may take in the server (its access log), p99",
     )
     parser.add_argument("--max-healthz-p99-ms", type=float, default=500.0)
-    parser.add_argument(
-        "--torch-threads",
-        type=int,
-        default=1,
-        help="WORDRNN_TORCH_THREADS for the server (default 1: its clients share the cores)",
-    )
+    add_torch_threads_arg(parser, 1)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if min(args.concurrency, args.max_pending, args.check_clients, args.probe_rate) < 1:
@@ -355,13 +351,8 @@ def table(report: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    hey = shutil.which("hey")
+    hey = find_hey()
     if hey is None:
-        print(
-            "error: this benchmark needs the `hey` load generator on PATH (Debian/Ubuntu: "
-            "apt-get install hey)",
-            file=sys.stderr,
-        )
         return 2
     checker = Checker()
     try:

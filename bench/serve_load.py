@@ -50,7 +50,6 @@ import io
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -63,7 +62,17 @@ from typing import Any
 import httpx
 import torch
 
-from bench.server import REPO, BenchError, Server, add_model_args, model_dir, ms, percentile
+from bench.server import (
+    REPO,
+    BenchError,
+    Server,
+    add_model_args,
+    add_torch_threads_arg,
+    find_hey,
+    model_dir,
+    ms,
+    percentile,
+)
 
 RESULTS = REPO / "bench" / "results" / "serve_load.json"
 WORDS = 25
@@ -86,12 +95,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--stream-requests", type=int, default=256)
     parser.add_argument("--modes", default=",".join(MODES), help="a subset of " + ",".join(MODES))
-    parser.add_argument(
-        "--torch-threads",
-        type=int,
-        default=None,
-        help="WORDRNN_TORCH_THREADS for the servers (default: the server's default)",
-    )
+    add_torch_threads_arg(parser, None)
     parser.add_argument(
         "--device", default="cpu", help="cpu (default, the figures in the README) or cuda[:N]"
     )
@@ -432,13 +436,8 @@ def chart(results: dict[str, Any], ceiling: float | None, path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    hey = shutil.which("hey")
+    hey = find_hey()
     if hey is None:
-        print(
-            "error: this benchmark needs the `hey` load generator on PATH (Debian/Ubuntu: "
-            "apt-get install hey); a Python client would saturate before the server does",
-            file=sys.stderr,
-        )
         return 2
     modes = [m for m in args.modes.split(",") if m]
     unknown = sorted(set(modes) - set(MODES))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -48,6 +49,25 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--train-minutes", type=float, default=5.0)
+
+
+def add_torch_threads_arg(parser: argparse.ArgumentParser, default: int | None) -> None:
+    why = "the server's own" if default is None else f"{default}: its clients share the cores"
+    help_text = f"WORDRNN_TORCH_THREADS for the server (default {why})"
+    parser.add_argument("--torch-threads", type=int, default=default, help=help_text)
+
+
+def find_hey() -> str | None:
+    """Where Debian's ``hey`` load generator is; None, after saying so on stderr, when it is
+    missing (on two cores a Python client saturates long before the server does)."""
+    hey = shutil.which("hey")
+    if hey is None:
+        print(
+            "error: this benchmark needs the `hey` load generator on PATH (Debian/Ubuntu: "
+            "apt-get install hey); a Python client would saturate before the server does",
+            file=sys.stderr,
+        )
+    return hey
 
 
 def model_dir(args: argparse.Namespace) -> Path:

@@ -66,6 +66,7 @@ from bench.server import (
     BenchError,
     Server,
     add_model_args,
+    add_torch_threads_arg,
     model_dir,
     ms,
     parse_metrics,
@@ -104,12 +105,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup-fraction", type=float, default=0.25)
     parser.add_argument("--max-rss-growth-mb", type=float, default=32.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--torch-threads",
-        type=int,
-        default=1,
-        help="WORDRNN_TORCH_THREADS for the server (default 1: its clients share the cores)",
-    )
+    add_torch_threads_arg(parser, 1)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if not args.minutes > 0 or args.clients < 1 or args.max_sessions < 1:

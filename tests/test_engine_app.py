@@ -218,7 +218,7 @@ def test_the_load_benchmark_says_when_hey_is_missing(
 ) -> None:
     from bench import serve_load
 
-    monkeypatch.setattr(serve_load.shutil, "which", lambda name: None)
+    monkeypatch.setattr("shutil.which", lambda name: None)
     assert serve_load.main(["--requests", "1"]) == 2
     err = capsys.readouterr().err
     assert "needs the `hey` load generator" in err
