@@ -57,24 +57,32 @@ def key_owner(keys: Sequence[SecretStr], presented: str | None) -> str | None:
     return key_fingerprint(presented) if any(matches) else None
 
 
-async def get_service(request: Request) -> TextService:
+async def get_caller(request: Request) -> str | None:
+    """The fingerprint of the caller's key when it is a valid one, else None. FastAPI runs it
+    once a request, however many dependencies ask for it."""
+    settings: Settings = request.app.state.settings
+    return key_owner(settings.api_keys, presented_key(request.headers))
+
+
+CallerDep = Annotated[str | None, Depends(get_caller)]
+
+
+async def get_service(request: Request, caller: CallerDep) -> TextService:
     """The service once the model is loaded, acting for the caller's key (whose sessions
     it sees); a 503 before that and while stopping."""
     service: TextService | None = request.app.state.service
     if service is None:
         raise _not_ready(request)
-    settings: Settings = request.app.state.settings
-    return service.for_owner(key_owner(settings.api_keys, presented_key(request.headers)))
+    return service.for_owner(caller)
 
 
-async def get_models(request: Request) -> ModelAccess:
+async def get_models(request: Request, caller: CallerDep) -> ModelAccess:
     """The served models, acting for the caller's key (whose sessions they see); a 503
     before they are loaded and while stopping."""
     registry: ModelRegistry | None = request.app.state.models
     if registry is None:
         raise _not_ready(request)
-    settings: Settings = request.app.state.settings
-    return ModelAccess(registry, key_owner(settings.api_keys, presented_key(request.headers)))
+    return ModelAccess(registry, caller)
 
 
 def _not_ready(request: Request) -> ApiError:
@@ -92,14 +100,14 @@ ModelsDep = Annotated[ModelAccess, Depends(get_models)]
 
 async def require_api_key(
     settings: SettingsDep,
+    caller: CallerDep,
+    # Declared so that the OpenAPI schema shows both ways of sending a key; `get_caller`
+    # reads the key itself, once.
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     api_key: Annotated[str | None, Depends(_api_key_header)],
 ) -> None:
     """With ``WORDRNN_API_KEYS`` set, accept only a request that carries one of the keys."""
-    if not settings.api_keys:
-        return
-    given = api_key or (bearer.credentials if bearer else None)
-    if key_owner(settings.api_keys, given) is not None:
+    if not settings.api_keys or caller is not None:
         return
     raise ApiError(
         401,
