@@ -68,12 +68,12 @@ CallerDep = Annotated[str | None, Depends(get_caller)]
 
 
 async def get_service(request: Request, caller: CallerDep) -> TextService:
-    """The service once the model is loaded, acting for the caller's key (whose sessions
+    """The default model's service once it is loaded, acting for the caller's key (whose sessions
     it sees); a 503 before that and while stopping."""
-    service: TextService | None = request.app.state.service
-    if service is None:
+    registry: ModelRegistry | None = request.app.state.models
+    if registry is None:
         raise _not_ready(request)
-    return service.for_owner(caller)
+    return registry.default.service.for_owner(caller)
 
 
 async def get_models(request: Request, caller: CallerDep) -> ModelAccess:

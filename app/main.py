@@ -32,7 +32,6 @@ from app.middleware import (
 from app.models import ModelRegistry
 from app.ratelimit import RateLimitMiddleware
 from app.routes import api_router, bench
-from app.serving import TextService
 from app.sessions import MemorySessionStore, RedisSessionStore, SessionStore
 from app.settings import Settings
 
@@ -93,15 +92,11 @@ def create_app(
                 raise
         return sessions
 
-    def publish(service: TextService) -> None:
-        """Keep ``app.state.service`` the default model's current version."""
-        app.state.service = service
-
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         where = settings.models_dir or settings.model_dir
         log.info("loading %s on device %s", where, settings.device)
-        models = ModelRegistry(settings, open_sessions, on_default=publish)
+        models = ModelRegistry(settings, open_sessions)
         await models.start()
         app.state.models = models
         app.state.phase = "ready"
@@ -120,7 +115,6 @@ def create_app(
         finally:
             app.state.phase = "stopping"
             app.state.models = None
-            app.state.service = None
             await models.close()
             log.info("stopped")
 
@@ -132,7 +126,6 @@ def create_app(
     )
     app.state.settings = settings
     app.state.models = None
-    app.state.service = None
     app.state.phase = "loading"
     app.state.metrics = Metrics(app.state)
     install_error_handlers(app)

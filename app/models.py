@@ -231,24 +231,18 @@ class Change:
 
 
 class ModelRegistry:
-    """Every served model by name, the default, and the reloading (see the module's doc).
-
-    ``on_default`` is told the default model's service at start-up and after each reload of
-    it (the app keeps it as ``app.state.service``).
-    """
+    """Every served model by name, the default, and the reloading (see the module's doc)."""
 
     def __init__(
         self,
         settings: Settings,
         open_sessions: OpenSessions,
-        on_default: Callable[[TextService], None] | None = None,
     ) -> None:
         self.settings = settings
         self.default_name = ""
         self.reloads: Counter[str] = Counter()
         self.failures: Counter[str] = Counter()
         self._open_sessions = open_sessions
-        self._on_default = on_default
         self._slots: dict[str, ModelSlot] = {}
         self._refused_new: dict[str, str] = {}  # name -> sha256 of a manifest that failed
         self._lock = asyncio.Lock()  # one check (or the close) at a time
@@ -380,8 +374,6 @@ class ModelRegistry:
         old = slot.version
         slot.version = ModelVersion(service)
         self.reloads[slot.name] += 1
-        if slot.name == self.default_name and self._on_default is not None:
-            self._on_default(service)
         log.info(
             "model %r: now serving %s (was %s)", slot.name, service.model_id, old.service.model_id
         )
@@ -454,8 +446,6 @@ class ModelRegistry:
             raise
         slot = ModelSlot(name, run_dir, sessions, ModelVersion(service), seen)
         self._slots[name] = slot
-        if name == self.default_name and self._on_default is not None:
-            self._on_default(service)
         return slot
 
     async def _load(self, name: str, run_dir: Path, sessions: SessionStore) -> TextService:

@@ -66,7 +66,7 @@ def test_a_replica_with_another_model_refuses_the_session(
 def test_sessions_expire_in_redis(tiny_run: Path, redis_url: str) -> None:
     with replica(tiny_run, redis_url, session_ttl_seconds=30) as a:
         session = post(a, "/sessions", seed_words="I can")["session_id"]
-        store = a.app.state.service.sessions  # type: ignore[attr-defined]
+        store = a.app.state.models.default.service.sessions  # type: ignore[attr-defined]
         assert a.portal is not None
         ttl = a.portal.call(store._redis.ttl, store._key(session))
         assert 0 < ttl <= 30
@@ -86,7 +86,7 @@ def test_an_unreachable_redis_stops_start_up(tiny_run: Path) -> None:
 
 
 def stored_fields(client: TestClient, session: str) -> dict[bytes, bytes]:
-    store = client.app.state.service.sessions  # type: ignore[attr-defined]
+    store = client.app.state.models.default.service.sessions  # type: ignore[attr-defined]
     assert client.portal is not None
     return client.portal.call(store._redis.hgetall, store._key(session))  # type: ignore[no-any-return]
 
@@ -113,7 +113,7 @@ def test_only_the_owner_moves_a_sessions_expiry_on(tiny_run: Path, redis_url: st
     with replica(tiny_run, redis_url, **settings) as a:
         made = a.post("/sessions", json={"seed_words": "I"}, headers={"X-API-Key": "alpha-key"})
         session = made.json()["session_id"]
-        store = a.app.state.service.sessions  # type: ignore[attr-defined]
+        store = a.app.state.models.default.service.sessions  # type: ignore[attr-defined]
         assert a.portal is not None
 
         def ttl() -> int:

@@ -230,10 +230,10 @@ def test_a_corrupt_checkpoint_is_refused_and_the_old_one_keeps_serving(
 def test_a_commit_of_the_training_state_alone_is_not_a_new_version(
     client: TestClient, models_dir: Path
 ) -> None:
-    engine = client.app.state.service.engine  # type: ignore[attr-defined]
+    engine = client.app.state.models.default.service.engine  # type: ignore[attr-defined]
     checkpoint.commit(models_dir / "default", info={"epochs": 3})
     assert check_now(client) == []
-    assert client.app.state.service.engine is engine  # type: ignore[attr-defined]
+    assert client.app.state.models.default.service.engine is engine  # type: ignore[attr-defined]
 
 
 def test_a_new_subfolder_is_served_and_a_bad_one_refused(

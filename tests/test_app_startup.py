@@ -342,7 +342,7 @@ def test_sessions_on_cuda_keep_their_state_on_the_cpu(tiny_run: Path) -> None:
                 "/generate", json={"session_id": session, "max_words": 4, "temperature": 0}
             )
             words += out.json()["words"]
-        stored = asyncio.run(client.app.state.service.sessions.get(session))  # type: ignore[attr-defined]
+        stored = asyncio.run(client.app.state.models.default.service.sessions.get(session))  # type: ignore[attr-defined]
     assert words == whole["words"]
     assert stored.hidden.device.type == "cpu"
     assert json.dumps(whole)  # the response is plain JSON, with no tensors in it

@@ -117,7 +117,7 @@ def test_a_client_that_disconnects_stops_its_generation(tiny_run: Path) -> None:
 
     async def scenario() -> None:
         async with LifespanManager(app):
-            service: TextService = app.state.service
+            service: TextService = app.state.models.default.service
             cancelled_before = service.engine.counters.cancelled
             first_word = asyncio.Event()
             read = False

@@ -65,7 +65,7 @@ def test_concurrent_requests_are_served_in_shared_steps(
 
     async def scenario() -> tuple[list[httpx.Response], list[httpx.Response], dict[str, Any]]:
         async with LifespanManager(app) as manager, client_for(manager.app) as http:
-            engine: Engine = app.state.service.engine
+            engine: Engine = app.state.models.default.service.engine
             alone = [await http.post("/generate", json=body) for body in bodies]
             before = engine.stats()
             submitted = Submissions(engine, monkeypatch)
@@ -98,7 +98,7 @@ def test_a_full_queue_answers_503_at_once_with_retry_after(
 
     async def scenario() -> None:
         async with LifespanManager(app) as manager, client_for(manager.app) as http:
-            engine: Engine = app.state.service.engine
+            engine: Engine = app.state.models.default.service.engine
             submitted = Submissions(engine, monkeypatch)
             gate = Gate(monkeypatch)
             held = [
@@ -156,7 +156,7 @@ def test_a_generation_past_its_deadline_is_a_504(
             response = await endless
             assert response.status_code == 504
             assert "within 5 s" in response.json()["detail"]
-            assert app.state.service.engine.stats()["active_rows"] == 0
+            assert app.state.models.default.service.engine.stats()["active_rows"] == 0
 
     asyncio.run(scenario())
 
@@ -203,7 +203,7 @@ def test_the_no_op_endpoint_exists_only_when_asked_for(tiny_run: Path) -> None:
         noop = client.post("/bench/generate-noop", json=body)
         invalid = client.post("/bench/generate-noop", json={"max_words": -1})
         schema = client.get("/openapi.json").json()
-        stats = client.app.state.service.engine.stats()  # type: ignore[attr-defined]
+        stats = client.app.state.models.default.service.engine.stats()  # type: ignore[attr-defined]
     assert noop.status_code == 200
     assert set(noop.json()) == set(real)
     assert len(noop.json()["words"]) == 25

@@ -76,7 +76,7 @@ def test_an_unexpected_error_is_logged_once_with_its_id_and_without_the_body(
     async def broken(*args: object) -> None:
         raise RuntimeError("the model fell over")
 
-    monkeypatch.setattr(client.app.state.service, "generate", broken)  # type: ignore[attr-defined]
+    monkeypatch.setattr(client.app.state.models.default.service, "generate", broken)  # type: ignore[attr-defined]
     caplog.set_level(logging.INFO, logger="app")
     response = client.post(
         "/generate",

@@ -102,7 +102,7 @@ def test_model_readiness_and_sessions(client: TestClient) -> None:
 
 
 def test_every_engine_statistic_is_exported(client: TestClient) -> None:
-    service = client.app.state.service  # type: ignore[attr-defined]
+    service = client.app.state.models.default.service  # type: ignore[attr-defined]
     stats = engine_stats(service.engine)
     assert stats, "the engine reports no statistics"
     names = {name for name, _ in scrape(client)}

@@ -319,7 +319,7 @@ def test_a_failure_after_the_stream_started_is_an_error_chunk(
 
         return events()
 
-    monkeypatch.setattr(client.app.state.service, "stream", failing)  # type: ignore[attr-defined]
+    monkeypatch.setattr(client.app.state.models.default.service, "stream", failing)  # type: ignore[attr-defined]
     stream = sdk.completions.create(model=model, prompt="I", max_tokens=5, stream=True)
     assert next(stream).choices[0].text == " the"
     with pytest.raises(openai.APIError, match="stopping"):
