@@ -50,9 +50,9 @@ import torch
 
 from app.errors import StartupError
 from app.text import Continuation, SampleText
-from model_store import checkpoint
+from model_store import checkpoint, scoring
 from model_store.checkpoint import Checkpoint, CheckpointError
-from model_store.network import Hidden, WordRNN, hidden_cat, hidden_select, top_features
+from model_store.network import Hidden, WordRNN, hidden_cat, hidden_select
 from model_store.sampling import (
     SamplingParams,
     advance,
@@ -71,7 +71,6 @@ Clock = Callable[[], float]
 EngineKind = Literal["batched", "naive"]
 ENGINE_KINDS: tuple[str, ...] = ("batched", "naive")
 
-SCORE_CHUNK = 256  # positions per output-layer call when scoring: bounds the (T, V) tensor
 RECENT_STEPS = 1024  # step batch sizes kept for stats()
 
 
@@ -256,27 +255,34 @@ def generate_alone(
     if job.n > 1:
         hidden = hidden_select(hidden, [0] * job.n)  # (layers, n, H): one row per sample
     generators = [make_generator(job.random_seed + i) for i in range(job.n)]
-    texts = [Continuation(vocab, job.context, job.stop) for _ in range(job.n)]
-    states = [hidden]  # after each word, to end a session on its last kept word
-    rows = list(range(job.n))  # the samples still going, in batch order
-    for _ in range(job.max_words):
-        if not rows:
-            break
+    texts = [Continuation(vocab, job.context, job.stop, job.max_words) for _ in range(job.n)]
+    states = [hidden]  # after each token, to end a session on its last kept word
+    state = hidden  # sample 0's state after its last accepted token
+    rows = list(range(job.n)) if job.max_words else []  # the samples going, in batch order
+    opening = _word_openings(vocab, device)
+    while rows:
         if check is not None:
             check()
         logits = next_logits(model, hidden)  # (B, V)
+        if opening is not None and texts[rows[0]].tokens == 0:  # every row is at its start
+            logits = logits.masked_fill(~opening, -math.inf)
         ids = sample(logits, [job.params] * len(rows), [generators[r] for r in rows], banned)
-        hidden = advance(model, hidden, ids)
+        before, hidden = hidden, advance(model, hidden, ids)
         if on_step is not None:
             on_step(len(rows))
         if job.keep_state and job.stop:
             states.append(hidden)
         going, events = [], []
         for pos, (row, word_id) in enumerate(zip(rows, ids, strict=True)):
-            texts[row].push(vocab.tokens[word_id])
+            accepted = texts[row].push_token(vocab.tokens[word_id])
+            if row == 0 and job.keep_state:
+                state = hidden_select(hidden if accepted else before, [pos])
             if job.stream:
-                events += [WordEvent(row, p.word, p.text) for p in texts[row].release()]
-            if not texts[row].stopped:
+                events += [
+                    WordEvent(row, p.word, p.text)
+                    for p in texts[row].release(final=texts[row].done)
+                ]
+            if not texts[row].done:
                 going.append(pos)
         if emit is not None and events:
             emit(events)
@@ -292,11 +298,10 @@ def generate_alone(
         samples.append(text.finish())
     if emit is not None and events:
         emit(events)
-    state = None
     if job.keep_state:
-        final = states[len(samples[0].words)] if job.stop else hidden
-        state = _move(final, torch.device("cpu"))
-    return GenerationResult(samples, state)
+        final = states[texts[0].kept_tokens] if job.stop else state
+        return GenerationResult(samples, _move(final, torch.device("cpu")))
+    return GenerationResult(samples, None)
 
 
 # -- many requests' rows, stepped together (the batched engine) ------------------------------
@@ -351,6 +356,7 @@ class Batch:
         self.hidden: Hidden | None = None
         self.rows: list[_Row] = []
         self._seqs: dict[Hashable, _Sequence] = {}
+        self._opening = _word_openings(vocab, model.embedding.weight.device)
 
     @property
     def size(self) -> int:
@@ -400,7 +406,9 @@ class Batch:
         self, key: Hashable, job: GenerationJob, start: Hidden
     ) -> tuple[_Sequence, list[_Row]]:
         """A joining request and its rows (none when it asks for no words)."""
-        texts = [Continuation(self.vocab, job.context, job.stop) for _ in range(job.n)]
+        texts = [
+            Continuation(self.vocab, job.context, job.stop, job.max_words) for _ in range(job.n)
+        ]
         seq = _Sequence(key, job, texts, running=job.n)
         if job.max_words == 0:
             seq.state = start
@@ -418,8 +426,15 @@ class Batch:
         assert self.hidden is not None, "step() on an empty batch"
         rows = self.rows
         logits = next_logits(self.model, self.hidden)  # (B, V)
+        if self._opening is not None:
+            starting = [pos for pos, row in enumerate(rows) if row.seq.texts[row.index].tokens == 0]
+            if starting:  # a sample's first piece opens a word: the seed's last one is whole
+                index = torch.tensor(starting, device=logits.device)
+                logits = logits.index_copy(
+                    0, index, logits[index].masked_fill(~self._opening, -math.inf)
+                )
         ids, failed = self._sample(logits)
-        hidden = advance(self.model, self.hidden, ids)
+        before, hidden = self.hidden, advance(self.model, self.hidden, ids)
         events: dict[_Sequence, list[WordEvent]] = {}
         finished: list[_Sequence] = []
         keep: list[int] = []
@@ -428,7 +443,7 @@ class Batch:
             if seq in failed:
                 continue
             try:
-                done = self._push(row, pos, word_id, hidden, events)
+                done = self._push(row, pos, word_id, before, hidden, events)
             except Exception as exc:
                 failed[seq] = exc
                 continue
@@ -473,7 +488,7 @@ class Batch:
         failed: dict[_Sequence, Exception] = {}
         for pos, row in enumerate(rows):
             try:
-                _rewind(row.generator, len(row.seq.texts[row.index].words))
+                _rewind(row.generator, row.seq.texts[row.index].tokens)
                 ids += sample(logits[pos : pos + 1], [params[pos]], [row.generator], self.banned)
             except Exception as exc:
                 failed.setdefault(row.seq, exc)
@@ -485,17 +500,21 @@ class Batch:
         row: _Row,
         pos: int,
         word_id: int,
+        before: Hidden,
         hidden: Hidden,
         events: dict[_Sequence, list[WordEvent]],
     ) -> bool:
-        """Add row ``pos``'s new word to its text (and its words to stream to ``events``);
-        whether the row is done."""
+        """Add row ``pos``'s new token to its text (and its words to stream to ``events``);
+        whether the row is done. ``before`` and ``hidden`` are the states before and after
+        the token was fed: a refused token leaves the row's state at ``before``."""
         seq = row.seq
         text = seq.texts[row.index]
-        text.push(self.vocab.tokens[word_id])
-        if row.states is not None:
+        accepted = text.push_token(self.vocab.tokens[word_id])
+        if not accepted:
+            hidden = before
+        elif row.states is not None:
             row.states.append(hidden_select(hidden, [pos]))
-        done = text.stopped or len(text.words) >= seq.job.max_words
+        done = text.done
         if seq.job.stream:
             pieces = text.release(final=done)
             if pieces:
@@ -504,7 +523,7 @@ class Batch:
                 )
         if done and seq.job.keep_state and row.index == 0:
             seq.state = (
-                row.states[len(text.finish().words)]
+                row.states[text.kept_tokens]
                 if row.states is not None
                 else hidden_select(hidden, [pos])
             )
@@ -550,9 +569,16 @@ def _check_ids(ids: Sequence[int], vocab_size: int) -> ValueError | None:
     )
 
 
+def _word_openings(vocab: Vocab, device: torch.device) -> torch.Tensor | None:
+    """(V,) which ids may open a sample (a subword start piece), or None when any may."""
+    if not vocab.is_subword:
+        return None
+    return torch.tensor(vocab.starts_word(), dtype=torch.bool, device=device)
+
+
 def _rewind(generator: torch.Generator, drawn: int) -> None:
     """Put ``generator`` back to its state after ``drawn`` draws: a row draws one number per
-    step (``model_store.sampling``), so that state is its seed and its word count."""
+    step (``model_store.sampling``), so that state is its seed and its token count."""
     generator.manual_seed(generator.initial_seed())
     for _ in range(drawn):
         torch.rand(1, generator=generator)
@@ -810,7 +836,8 @@ class Engine:
     async def next_words(
         self, seed_ids: Sequence[int], hidden: Hidden | None, top_k: int
     ) -> list[tuple[str, float]]:
-        """The ``top_k`` most likely next words and their probabilities, best first."""
+        """The ``top_k`` most likely next words and their probabilities, best first (whole
+        words, for a subword model too: `model_store.scoring.next_words`)."""
         return await self._call(self._next_words, seed_ids, hidden, top_k)
 
     async def score(self, ids: Sequence[int]) -> list[float]:
@@ -965,26 +992,10 @@ class Engine:
     def _next_words(
         self, seed_ids: Sequence[int], hidden: Hidden | None, top_k: int
     ) -> list[tuple[str, float]]:
-        state = self._feed(seed_ids, hidden)
-        log_probs = self.model.log_probs(top_features(state))[0]  # (V,)
-        banned = torch.tensor(self._banned, device=log_probs.device)
-        log_probs = log_probs.index_fill(0, banned, -math.inf)
-        values, ids = log_probs.topk(min(top_k, len(self.vocab) - len(self._banned)))
-        return [
-            (self.vocab.tokens[i], math.exp(v))
-            for v, i in zip(values.tolist(), ids.tolist(), strict=True)
-        ]
+        return scoring.next_words(self.model, self.vocab, self._feed(seed_ids, hidden), top_k)
 
     def _score(self, ids: Sequence[int]) -> list[float]:
-        inputs = torch.tensor([[self.vocab.bos_id, *ids[:-1]]], device=self.device)  # (1, T)
-        targets = torch.tensor(list(ids), device=self.device)  # (T,)
-        features, _ = self.model.features(inputs)  # (1, T, H), from the zero state
-        out = []
-        for start in range(0, len(ids), SCORE_CHUNK):
-            part = slice(start, start + SCORE_CHUNK)
-            log_probs = self.model.log_probs(features[0, part])  # (chunk, V)
-            out.append(log_probs.gather(1, targets[part].unsqueeze(1)).squeeze(1))
-        return torch.cat(out).tolist()  # type: ignore[no-any-return]
+        return scoring.token_log_probs(self.model, ids, self.vocab.bos_id).tolist()  # type: ignore[no-any-return]
 
 
 class BatchedEngine(Engine):

@@ -232,7 +232,7 @@ class ScoredWord(BaseModel):
     word: str = Field(description="The word as given.")
     token: str = Field(description="The word as the model saw it.")
     known: bool = Field(description="False when the word is not in the vocabulary as given.")
-    probability: float
+    probability: float = Field(description="For a subword model, the product of its pieces'.")
     log_prob: float
 
 
@@ -242,6 +242,11 @@ class ScoreResponse(BaseModel):
     unknown_words: list[str]
     log_prob: float = Field(description="Natural log-probability of the whole text.")
     perplexity: float = Field(description="exp(-log_prob / words).")
+    bits_per_char: float = Field(
+        description="-log2 of the text's probability over its characters: compares any two "
+        "models, whatever their tokens."
+    )
+    characters: int = Field(description="Characters of the text as the model's words write it.")
 
 
 class Status(BaseModel):
@@ -286,6 +291,9 @@ class InfoResponse(BaseModel):
     tokenizer: dict[str, Any]
     corpus: dict[str, Any] | None
     best_valid_perplexity: float | None
+    best_valid_bits_per_char: float | None = Field(
+        description="Bits per character of the validation text (compares any two models)."
+    )
     training: dict[str, Any]
     versions: dict[str, str]
     limits: Limits

@@ -58,6 +58,7 @@ from app.settings import Settings
 from app.text import SampleText
 from model_store.network import Hidden, count_parameters
 from model_store.sampling import SamplingParams
+from model_store.scoring import bits_per_char
 
 log = logging.getLogger("app")
 
@@ -72,6 +73,7 @@ class Seed:
     ids: list[int]
     seen: list[str]
     unknown: list[str]
+    sizes: list[int]  # how many ids each word took (a subword model's pieces)
 
 
 @dataclass(frozen=True)
@@ -133,12 +135,12 @@ class TextService:
     def encode(
         self, words: list[str] | str | None, on_unknown: OnUnknown, field: str = "seed_words"
     ) -> Seed:
-        """Cut a string with the model's tokenizer (a list is used as given), map it to ids."""
-        tokens = self.vocab.tokenize(words) if isinstance(words, str) else list(words or [])
+        """Cut a string into the model's words (a list is used as given), map them to ids."""
+        tokens = self.vocab.split_words(words) if isinstance(words, str) else list(words or [])
         limit = self.settings.max_seed_words
         if len(tokens) > limit:
             raise ApiError.field(field, f"{len(tokens)} words; at most {limit} are accepted")
-        ids, unknown = self.vocab.encode_lenient(tokens)
+        ids, unknown, sizes = self.vocab.encode_words(tokens)
         if unknown and on_unknown == "error":
             by_word = dict(zip(tokens, ids, strict=True))
             described = [
@@ -148,7 +150,8 @@ class TextService:
                 for w in unknown
             ]
             raise ApiError.field(field, "not in the vocabulary: " + ", ".join(described))
-        return Seed(tokens, ids, self.vocab.decode(ids), unknown)
+        seen = tokens if self.vocab.is_subword else self.vocab.decode(ids)
+        return Seed(tokens, ids, seen, unknown, sizes)
 
     async def _session(self, session_id: str) -> Session:
         session = await self.sessions.get(session_id, self.owner)
@@ -226,7 +229,7 @@ class TextService:
                     f"{self.settings.session_max_words}",
                 )
         context = [*history, *seed.tokens]
-        prefix = self.vocab.detokenize(context)[len(self.vocab.detokenize(history)) :]
+        prefix = self.vocab.join_words(context)[len(self.vocab.join_words(history)) :]
         job = GenerationJob(
             seed_ids=seed.ids,
             context=context,
@@ -279,9 +282,9 @@ class TextService:
             words=samples[0].words,
             finish_reason=samples[0].finish_reason,
             usage=Usage(
-                seed_words=len(plan.seed.ids),
+                seed_words=len(plan.seed.tokens),
                 generated_words=generated,
-                total_words=len(plan.seed.ids) + generated,
+                total_words=len(plan.seed.tokens) + generated,
             ),
             samples=samples,
         )
@@ -297,7 +300,8 @@ class TextService:
         plan = await self._plan(req)
         if plan.session is not None:
             raise ApiError.field("session_id", "the no-op endpoint does not continue sessions")
-        sample = _noop_sample(self.vocab.tokens[-1], self.vocab.detokenize, req.max_words)
+        word = self.vocab.spell([len(self.vocab) - 1])
+        sample = _noop_sample(word, self.vocab.join_words, req.max_words)
         return await self._finish(plan, GenerationResult([sample] * req.n, None))
 
     async def stream(
@@ -345,7 +349,7 @@ class TextService:
             session_id=session.id,
             model=self.model_id,
             words=list(session.words),
-            text=self.vocab.detokenize(session.words),
+            text=self.vocab.join_words(session.words),
             word_count=len(session.words),
             created_at=_utc(session.created),
             expires_at=_utc(session.expires),
@@ -391,22 +395,29 @@ class TextService:
         if not text.ids:
             raise ApiError.field("text", "holds no words to score")
         log_probs = await self._model(self.engine.score(text.ids))
+        per_word, start = [], 0
+        for size in text.sizes:  # a word's probability: the product of its pieces'
+            per_word.append(math.fsum(log_probs[start : start + size]))
+            start += size
         total = math.fsum(log_probs)
+        characters = len(self.vocab.join_words(text.tokens))
         return ScoreResponse(
             model=self.model_id,
             words=[
                 ScoredWord(
                     word=word,
                     token=seen,
-                    known=word in self.vocab,
+                    known=self.vocab.is_subword or word in self.vocab,
                     probability=math.exp(lp),
                     log_prob=lp,
                 )
-                for word, seen, lp in zip(text.tokens, text.seen, log_probs, strict=True)
+                for word, seen, lp in zip(text.tokens, text.seen, per_word, strict=True)
             ],
             unknown_words=text.unknown,
             log_prob=total,
-            perplexity=math.exp(-total / len(log_probs)),
+            perplexity=math.exp(min(-total / len(per_word), 700.0)),
+            bits_per_char=bits_per_char(total, characters),
+            characters=characters,
         )
 
     # -- the model card -----------------------------------------------------------------------
@@ -427,7 +438,7 @@ class TextService:
             architecture=loaded.config.to_json(),
             parameters=count_parameters(loaded.model),
             vocab_size=len(self.vocab),
-            tokenizer=self.vocab.tokenizer.to_json(),
+            tokenizer=self.vocab.tokenizer.describe(),
             # The digest and the counts; the sources are paths on the training machine.
             corpus=(
                 {k: v for k, v in corpus.items() if k not in ("sources", "valid_sources")}
@@ -435,6 +446,7 @@ class TextService:
                 else None
             ),
             best_valid_perplexity=manifest.get("best_valid_perplexity"),
+            best_valid_bits_per_char=manifest.get("best_valid_bits_per_char"),
             training=loaded.training,
             versions=manifest.get("versions") or {},
             limits=Limits(

@@ -7,6 +7,12 @@ the characters it adds (``" sea"``, ``"."``, ``"\\n"``).
 
 The model's incremental `Detokenizer` gives each piece at a constant cost per word.
 
+The engine pushes the model's *tokens* (`push_token`). For a word vocabulary a token is a
+word. For a ``subword`` one a word is a start piece and its continuations: a word is complete
+when the next start piece comes, and the sample is complete when that start piece would
+open one word more than ``max_words``: the piece is refused and the sample ends on a whole
+word, never half of one.
+
 Stop strings are matched on that text, not on word boundaries: a sample stops at the first
 place where any stop string has appeared in full, and the text is cut just before it. The
 words kept are those with some of their own text (not just a space) before the cut; the last
@@ -24,7 +30,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from model_store.subword import NEWLINE, starts_word
 from model_store.vocab import Detokenizer, Vocab
+
+PIECES_PER_WORD = 8  # a subword sample ends after max_words x this many pieces whatever
 
 FinishReason = Literal["length", "stop"]
 
@@ -47,27 +56,100 @@ class SampleText:
 
 
 class Continuation:
-    """One sample's words after ``context``, with its stop strings."""
+    """One sample's words after ``context`` (words), with its stop strings and its length."""
 
-    def __init__(self, vocab: Vocab, context: Sequence[str], stops: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        vocab: Vocab,
+        context: Sequence[str],
+        stops: Sequence[str] = (),
+        max_words: int | None = None,
+    ) -> None:
+        self._vocab = vocab
+        self._subword = vocab.is_subword
         self._detokenizer = Detokenizer(vocab.tokenizer)
         self._detokenizer.feed(context)
         self._stops = tuple(stops)
         self._longest = max((len(s) for s in self._stops), default=0)
+        self._max_words = max_words
+        self._max_tokens = (
+            None
+            if max_words is None
+            else max_words * PIECES_PER_WORD + PIECES_PER_WORD
+            if self._subword
+            else max_words
+        )
         self.words: list[str] = []
+        self.tokens = 0  # the model's tokens taken (each one sampling step)
+        self._pending: list[str] = []  # the pieces of the word being written (subword)
+        self._token_ends: list[int] = []  # tokens taken up to the end of each word
         self._ends: list[int] = []  # where each word's piece ends in self._text
         self._text = ""
         self._cut: int | None = None  # where the first stop string begins in self._text
         self._released = 0
+        self._full = False
 
     @property
     def stopped(self) -> bool:
         return self._cut is not None
 
+    @property
+    def done(self) -> bool:
+        """Whether the sample is complete: a stop string, ``max_words``, or the token cap."""
+        return self.stopped or self._full
+
+    @property
+    def kept_tokens(self) -> int:
+        """Tokens up to the end of the last word kept: a session's state is taken there."""
+        kept = self._kept()
+        return self._token_ends[kept - 1] if kept else 0
+
+    def push_token(self, token: str) -> bool:
+        """Add the model's next token; False when it is refused because the sample was
+        already complete (a subword start piece past ``max_words``): then ``done`` is set."""
+        if self.done:
+            return False
+        if not self._subword:
+            self.tokens += 1
+            self.push(token)
+            self._full = self._max_tokens is not None and self.tokens >= self._max_tokens
+            return True
+        if starts_word(token) and self._pending:
+            self._complete()
+            if self.done or self._at_max_words():
+                self._full = True
+                return False
+        self.tokens += 1
+        self._pending.append(token)
+        if token == NEWLINE:
+            self._complete()
+        if self._at_max_words() and not self._pending:
+            self._full = True
+        if self._max_tokens is not None and self.tokens >= self._max_tokens:
+            self._complete()
+            self._full = True
+        return True
+
+    def _at_max_words(self) -> bool:
+        return self._max_words is not None and len(self.words) >= self._max_words
+
+    def _complete(self) -> None:
+        """The pending pieces make a whole word (a word spelled empty adds none)."""
+        if not self._pending:
+            return
+        word = self._vocab.spell(self._vocab.encode(self._pending))
+        self._pending = []
+        if word:
+            self.push(word)
+        elif self._token_ends:
+            self._token_ends[-1] = self.tokens
+
     def push(self, word: str) -> None:
+        """Add one whole word."""
         before = len(self._text)
         self._text += self._detokenizer.push(word)
         self.words.append(word)
+        self._token_ends.append(self.tokens)
         self._ends.append(len(self._text))
         # A new match must end past the old text, so it starts at most len(stop) - 1 before it.
         found = [
@@ -92,6 +174,8 @@ class Continuation:
         return pieces
 
     def finish(self) -> SampleText:
+        if not self.stopped:
+            self._complete()  # a sample cut short by the token cap keeps its last word
         return SampleText(
             self.words[: self._kept()],
             self._text[: self._end()],

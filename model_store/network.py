@@ -171,6 +171,11 @@ class WordRNN(nn.Module):
         else:
             self.decoder = nn.Linear(config.hidden_dim, config.vocab_size)
             if config.tie_weights:
+                # The embedding's N(0, 1) start would make the shared output layer's first
+                # scores huge (sqrt(hidden) times a state's norm): start small, as weight
+                # tying's authors do.
+                nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+                nn.init.zeros_(self.decoder.bias)
                 self.decoder.weight = self.embedding.weight
 
     def init_hidden(self, batch: int) -> Hidden:

@@ -181,18 +181,22 @@ def generate(
     bos_id: int,
     hidden: Hidden | None = None,
     banned_ids: Sequence[int] = (),
+    first_banned_ids: Sequence[int] = (),
 ) -> tuple[list[int], Hidden]:
     """One row, one word at a time: the lab's ``predict``. Returns the new ids and the state.
 
     With ``hidden`` given (a session), generation continues from it after feeding ``seed_ids``.
+    ``first_banned_ids`` are also banned from the first word (a subword model's continuation
+    pieces: the seed's last word is whole).
     """
     if hidden is None:
         hidden = prime(model, [seed_ids], bos_id)
     elif seed_ids:
         hidden = feed(model, [seed_ids], hidden)
     out: list[int] = []
-    for _ in range(n_words):
-        (word,) = sample(next_logits(model, hidden), [params], [generator], banned_ids)
+    for step in range(n_words):
+        banned = [*banned_ids, *first_banned_ids] if step == 0 else banned_ids
+        (word,) = sample(next_logits(model, hidden), [params], [generator], banned)
         out.append(word)
         hidden = advance(model, hidden, [word])
     return out, hidden

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from model_store import checkpoint
 from model_store.network import ModelConfig, WordRNN
+from model_store.subword import SubwordModel
 from model_store.vocab import TokenizerSpec, Vocab, tokenize
 
 TINY_TEXT = (
@@ -49,6 +51,8 @@ def build_run(
 ) -> Path:
     """A run folder with seeded random weights, written by the real ``checkpoint.commit``."""
     spec = TokenizerSpec(name=tokenizer)  # type: ignore[arg-type]
+    if tokenizer == "subword":  # 256 bytes and 44 pieces learned from the text
+        spec = replace(spec, model=SubwordModel.train(spec.words(text), 300))
     vocab = Vocab.build(tokenize(text, spec), tokenizer=spec)
     kwargs: dict[str, object] = {"embed_dim": 8, "hidden_dim": 8}
     kwargs.update(model_kwargs)

@@ -430,8 +430,14 @@ def poison_text(monkeypatch: pytest.MonkeyPatch) -> None:
     """The text of a sample whose context holds MARK raises at its word FAULT_AT + 1."""
 
     class Faulty(Continuation):
-        def __init__(self, vocab: Any, context: Sequence[str], stops: Sequence[str] = ()) -> None:
-            super().__init__(vocab, context, stops)
+        def __init__(
+            self,
+            vocab: Any,
+            context: Sequence[str],
+            stops: Sequence[str] = (),
+            max_words: int | None = None,
+        ) -> None:
+            super().__init__(vocab, context, stops, max_words)
             self.poisoned = MARK in context
 
         def push(self, word: str) -> None:

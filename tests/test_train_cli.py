@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from model_store import checkpoint
+from training import evaluate
 from training.__main__ import build_parser, main
 
 FAST = [
@@ -227,3 +229,40 @@ def test_valid_file_replaces_the_held_out_end(
     assert code == 0, err
     corpus = checkpoint.read_manifest(out)["corpus"]
     assert corpus["valid_tokens"] == 8  # <bos> I can see the sea . <nl>
+
+
+def test_subword_run_resumes_with_its_pieces_and_reports_bits_per_char(
+    tiny_corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = str(tmp_path / "sub")
+    argv = ["--tokenizer", "subword", "--subword-vocab", "300", "--epochs", "1", *FAST]
+    assert run_cli(capsys, "--corpus", str(tiny_corpus), "--out", out, *argv)[0] == 0
+    first = checkpoint.load(out)
+    assert first.vocab.is_subword
+    assert first.manifest["best_valid_bits_per_char"] > 0
+    code, err = run_cli(capsys, "--resume", out, "--epochs", "2", "--quiet")
+    assert code == 0, err
+    resumed = checkpoint.load(out)
+    assert resumed.manifest["epochs"] == 2
+    assert resumed.vocab.tokens == first.vocab.tokens
+    records = (tmp_path / "sub" / "metrics.jsonl").read_text().splitlines()
+    assert any('"valid_bpc"' in line for line in records)
+
+
+def test_evaluate_prints_bits_per_char_as_json(
+    tiny_corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = str(tmp_path / "run")
+    assert (
+        run_cli(capsys, "--corpus", str(tiny_corpus), "--out", out, "--epochs", "1", *FAST)[0] == 0
+    )
+    held_out = tmp_path / "held-out.txt"
+    held_out.write_text("I can see the zebra.\n", encoding="utf-8")
+    assert evaluate.main([out, "--text", str(held_out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["characters"] == 21
+    assert result["words"] == 5
+    assert result["unknown_word_share"] == pytest.approx(1 / 6)  # "zebra" of 6 word tokens
+    assert result["bits_per_char"] > 0
+    assert evaluate.main([out, "--text", str(tmp_path / "missing.txt")]) == 1
+    assert "no such file" in capsys.readouterr().err

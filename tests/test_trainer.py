@@ -36,6 +36,7 @@ def make_trainer(
         Corpus((Document("cycle", text),)),
         TokenizerSpec(config.tokenizer, config.lowercase),  # type: ignore[arg-type]
         batch_size=config.batch_size,
+        subword_vocab=300,
         seq_size=config.seq_size,
         valid_fraction=config.valid_fraction,
         min_count=config.min_count,
@@ -76,12 +77,15 @@ def test_same_seed_gives_identical_weights(tmp_path: Path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("cell", ["rnn_tanh", "lstm"])
-def test_resume_after_an_epoch_equals_an_uninterrupted_run(tmp_path: Path, cell: str) -> None:
-    full = make_trainer(
-        tmp_path / "full", epochs=3, cell=cell, dropout=0.3, lr_plateau_factor=0.5
-    ).run()
-    make_trainer(tmp_path / "part", epochs=1, cell=cell, dropout=0.3, lr_plateau_factor=0.5).run()
+@pytest.mark.parametrize(
+    ("cell", "tokenizer"), [("rnn_tanh", "words"), ("lstm", "words"), ("lstm", "subword")]
+)
+def test_resume_after_an_epoch_equals_an_uninterrupted_run(
+    tmp_path: Path, cell: str, tokenizer: str
+) -> None:
+    options = {"cell": cell, "tokenizer": tokenizer, "dropout": 0.3, "lr_plateau_factor": 0.5}
+    full = make_trainer(tmp_path / "full", epochs=3, **options).run()
+    make_trainer(tmp_path / "part", epochs=1, **options).run()
     resumed = resume_trainer(tmp_path / "part", epochs=3).run()
     assert resumed.iterations == full.iterations
     a, b = weights(tmp_path / "full"), weights(tmp_path / "part")

@@ -25,7 +25,7 @@ from model_store import checkpoint
 from model_store.network import CELLS, SOFTMAXES, ConfigError
 from model_store.vocab import TOKENIZERS, TokenizerSpec, VocabError
 from training import distributed
-from training.config import PRESET_HELP, PRESETS, TrainConfig, preset
+from training.config import OPTIMIZERS, PRESET_HELP, PRESETS, TrainConfig, preset
 from training.corpus import CorpusError, read_corpus
 from training.data import DataError, build_dataset
 from training.distributed import DistContext, DistributedError
@@ -118,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep at most this many tokens, specials included (default: all)",
     )
     data.add_argument(
+        "--subword-vocab",
+        type=int,
+        help="pieces of the subword tokenizer, its 256 bytes included "
+        f"(default: {d.subword_vocab})",
+    )
+    data.add_argument(
         "--valid-fraction",
         type=float,
         help=f"share of the corpus's end held out to validate; 0 turns "
@@ -146,8 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--epochs", type=int, help=f"passes over the corpus (default: {d.epochs})")
     opt.add_argument("--seq-size", type=int, help=f"window length (default: {d.seq_size})")
     opt.add_argument("--batch-size", type=int, help=f"parallel rows (default: {d.batch_size})")
-    opt.add_argument("--lr", type=float, help=f"Adam learning rate (default: {d.lr})")
+    opt.add_argument("--lr", type=float, help=f"learning rate (default: {d.lr})")
     opt.add_argument("--clip", type=float, help=f"gradient-norm clipping (default: {d.clip})")
+    opt.add_argument("--optimizer", choices=OPTIMIZERS, help=f"optimiser (default: {d.optimizer})")
+    opt.add_argument(
+        "--weight-decay", type=float, help=f"L2 / decoupled decay (default: {d.weight_decay})"
+    )
     opt.add_argument(
         "--lr-plateau-factor",
         type=float,
@@ -277,20 +287,24 @@ def _prepare(
     args: argparse.Namespace,
     sources: list[str],
     valid_sources: list[str] | None,
+    spec: TokenizerSpec | None = None,
 ) -> tuple[Any, dict]:
+    """Read and tokenize the corpus; ``spec`` is a resumed run's tokenizer (a subword one
+    keeps its learned pieces instead of learning them again)."""
     corpus = read_corpus(sources, args.encoding, args.encoding_errors)
     valid = (
         read_corpus(valid_sources, args.encoding, args.encoding_errors) if (valid_sources) else None
     )
     dataset = build_dataset(
         corpus,
-        TokenizerSpec(config.tokenizer, config.lowercase),  # type: ignore[arg-type]
+        spec or TokenizerSpec(config.tokenizer, config.lowercase),  # type: ignore[arg-type]
         batch_size=config.batch_size,
         seq_size=config.seq_size,
         valid_fraction=config.valid_fraction,
         valid_corpus=valid,
         min_count=config.min_count,
         max_vocab=config.max_vocab,
+        subword_vocab=config.subword_vocab,
     )
     return dataset, _corpus_info(sources, corpus, dataset, valid_sources)
 
@@ -349,7 +363,7 @@ def resume_run(
     config = TrainConfig.from_json(training).with_overrides(**_overrides(args))
     stored = manifest.get("corpus") or {}
     sources = _sources(args.corpus) if args.corpus else stored.get("sources") or []
-    dataset, info = _prepare(config, args, sources, stored.get("valid_sources"))
+    dataset, info = _prepare(config, args, sources, stored.get("valid_sources"), vocab.tokenizer)
     if info["corpus"]["sha256"] != stored.get("sha256") or dataset.vocab.tokens != vocab.tokens:
         raise UsageError(
             f"the corpus differs from the one {run_dir} was trained on "
@@ -368,8 +382,9 @@ def resume_run(
 
 def _report(summary: Summary) -> str:
     ppl = (
-        f"best validation perplexity {summary.best_valid_ppl:.2f}"
-        if summary.best_valid_ppl is not None
+        f"best validation perplexity {summary.best_valid_ppl:.2f} "
+        f"({summary.best_valid_bpc:.4f} bits per character)"
+        if summary.best_valid_ppl is not None and summary.best_valid_bpc is not None
         else "no validation text"
     )
     return (

@@ -14,6 +14,8 @@ from typing import Any
 from model_store.network import CELLS, SOFTMAXES, ConfigError, ModelConfig
 from model_store.vocab import TOKENIZERS
 
+OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -22,6 +24,7 @@ class TrainConfig:
     lowercase: bool = False
     min_count: int = 1
     max_vocab: int | None = None
+    subword_vocab: int = 4000
     valid_fraction: float = 0.1
     # Network
     cell: str = "rnn_tanh"
@@ -37,6 +40,8 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 0.01
     clip: float = 5.0
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
     # Schedule and stopping (off in the lab)
     lr_plateau_factor: float = 1.0
     patience: int = 0
@@ -67,6 +72,12 @@ class TrainConfig:
             problems.append("--min-count must be at least 1")
         if self.max_vocab is not None and self.max_vocab < 3:
             problems.append("--max-vocab must be at least 3")
+        if not 257 <= self.subword_vocab <= 1_000_000:
+            problems.append("--subword-vocab must be in [257, 1000000] (256 bytes, then merges)")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
+        if not 0 <= self.weight_decay < 1:
+            problems.append("--weight-decay must be in [0, 1)")
         if not self.lr > 0:
             problems.append("--lr must be positive")
         if not self.clip > 0:

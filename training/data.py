@@ -14,13 +14,15 @@ to the next (and detached: truncated backpropagation through time).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
-from model_store.vocab import BOS, NEWLINE, TokenizerSpec, Vocab, tokenize
+from model_store.subword import SubwordModel
+from model_store.vocab import BOS, NEWLINE, Detokenizer, TokenizerSpec, Vocab
 from training.corpus import Corpus
 
 
@@ -34,19 +36,51 @@ class Dataset:
     train_ids: Tensor  # (N,) int64
     valid_ids: Tensor  # (M,) int64, may be empty
     corpus_words: int
+    valid_chars: int = 0  # characters of the validation text, as its tokens write it
 
     @property
     def unk_rate(self) -> float:
         total = self.train_ids.numel()
         return float((self.train_ids == self.vocab.unk_id).sum()) / total if total else 0.0
 
+    def bits_per_char(self, loss: float) -> float | None:
+        """Bits per character of the validation text from its mean loss per token: the one
+        figure that compares models whatever their tokens (every token of the text counts,
+        an ``<unk>`` at whatever probability the model gives it)."""
+        if not self.valid_chars:
+            return None
+        return loss * (self.valid_ids.numel() - 1) / math.log(2) / self.valid_chars
 
-def corpus_tokens(corpus: Corpus, spec: TokenizerSpec) -> list[str]:
-    """All documents' tokens, each document opened by <bos> (the start-of-text state)."""
-    tokens: list[str] = []
+
+def corpus_words(corpus: Corpus, spec: TokenizerSpec) -> list[str]:
+    """All documents' words, each document opened by <bos> (the start-of-text state)."""
+    words: list[str] = []
     for doc in corpus.documents:
-        tokens.append(BOS)
-        tokens.extend(tokenize(doc.text, spec))
+        words.append(BOS)
+        words.extend(spec.words(doc.text))
+    return words
+
+
+def text_chars(words: list[str], spec: TokenizerSpec) -> int:
+    """Characters of the text that ``words`` (documents opened by <bos>) write."""
+    total, start = 0, 0
+    for i in [*(i for i, w in enumerate(words) if w == BOS), len(words)]:
+        total += len(Detokenizer(spec).feed(words[start:i]))
+        start = i + 1
+    return total
+
+
+def to_tokens(words: list[str], spec: TokenizerSpec) -> list[str]:
+    """What the model reads: the words themselves, or for ``subword`` their pieces."""
+    if spec.name != "subword":
+        return words
+    model = spec.subword_model()
+    tokens: list[str] = []
+    for word in words:
+        if word == BOS:
+            tokens.append(BOS)
+        else:
+            tokens.extend(model.word_pieces(word))
     return tokens
 
 
@@ -65,21 +99,26 @@ def build_dataset(
     valid_corpus: Corpus | None = None,
     min_count: int = 1,
     max_vocab: int | None = None,
+    subword_vocab: int = 4000,
 ) -> Dataset:
-    """Tokenize, hold out validation text (the corpus's end, or ``valid_corpus``), build the
-    vocabulary on the training part only, and encode both parts."""
-    tokens = corpus_tokens(corpus, spec)
-    words = sum(1 for tok in tokens if tok not in (BOS, NEWLINE))
-    if words == 0:
+    """Tokenize, hold out validation text (the corpus's end, or ``valid_corpus``), learn the
+    vocabulary (and for ``subword`` without a model yet, its pieces) on the training part
+    only, and encode both parts."""
+    words = corpus_words(corpus, spec)
+    n_words = sum(1 for word in words if word not in (BOS, NEWLINE))
+    if n_words == 0:
         raise DataError("the corpus holds no words (is the file empty?)")
     if valid_corpus is not None:
-        train_tokens, valid_tokens = tokens, corpus_tokens(valid_corpus, spec)
+        train_words, valid_words = words, corpus_words(valid_corpus, spec)
     else:
-        n_valid = int(len(tokens) * valid_fraction)
+        n_valid = int(len(words) * valid_fraction)
         if valid_fraction > 0 and n_valid < 2:
             n_valid = 0
-        train_tokens = tokens[: len(tokens) - n_valid]
-        valid_tokens = tokens[len(tokens) - n_valid :]
+        train_words = words[: len(words) - n_valid]
+        valid_words = words[len(words) - n_valid :]
+    if spec.name == "subword" and spec.model is None:
+        spec = replace(spec, model=SubwordModel.train(train_words, subword_vocab))
+    train_tokens, valid_tokens = to_tokens(train_words, spec), to_tokens(valid_words, spec)
     needed = min_train_words(batch_size, seq_size)
     if len(train_tokens) < needed:
         raise DataError(
@@ -93,7 +132,8 @@ def build_dataset(
         vocab=vocab,
         train_ids=torch.tensor(vocab.encode(train_tokens), dtype=torch.long),
         valid_ids=torch.tensor(vocab.encode(valid_tokens), dtype=torch.long),
-        corpus_words=words,
+        corpus_words=n_words,
+        valid_chars=text_chars(valid_words, spec) if len(valid_tokens) >= 2 else 0,
     )
 
 

@@ -54,4 +54,10 @@ def plot_history(
             ax_ppl.set_yscale("log")
     ax_ppl.set(title="Validation perplexity", xlabel="epoch", ylabel="perplexity")
     ax_ppl.grid(alpha=0.3)
+    bits = [(r["epoch"], r["valid_bpc"]) for r in valid_records if r.get("valid_bpc")]
+    if bits:  # the figure that compares any two models, whatever their tokens
+        ax_bpc = ax_ppl.twinx()
+        ax_bpc.plot(*zip(*bits, strict=True), marker="s", color="tab:green", label="bits/char")
+        ax_bpc.set_ylabel("bits per character", color="tab:green")
+        ax_bpc.legend(loc="upper center")
     return render_png(fig)
