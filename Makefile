@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 RUN_DIR ?= runs/default
 CORPUS ?= builtin:shakespeare
-PRESET ?= lstm
+PRESET ?= subword
 TRAIN_MINUTES ?= 5
 BIN := $(VENV)/bin
 

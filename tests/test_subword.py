@@ -14,7 +14,15 @@ from hypothesis import strategies as st
 
 from model_store import checkpoint, scoring
 from model_store.sampling import advance, prime
-from model_store.subword import NEWLINE, SubwordModel, group_words, join_words, split_words
+from model_store.subword import (
+    NEWLINE,
+    SubwordModel,
+    case_marked,
+    case_unmarked,
+    group_words,
+    join_words,
+    split_words,
+)
 from model_store.vocab import TokenizerSpec, Vocab, VocabError, detokenize, tokenize
 from tests.conftest import TINY_TEXT, MakeRun
 from training.evaluate import evaluate
@@ -83,6 +91,21 @@ def test_pieces_spell_their_word_back(words: list[str]) -> None:
         assert VOCAB.spell(ids) == word
         assert VOCAB.starts_word()[ids[0]]
         assert not any(VOCAB.starts_word()[i] for i in ids[1:])
+
+
+@FAST
+@given(st.text())
+def test_case_marks_give_every_word_back(word: str) -> None:
+    assert case_unmarked(case_marked(word)) == word
+
+
+def test_a_word_in_capitals_is_spelled_in_lower_case_after_its_mark() -> None:
+    model = SubwordModel.train(["SEA", "Sea", "sea", "SEE", "See"] * 10, 300)
+    caps, title = model.word_pieces("SEA"), model.word_pieces("Sea")
+    assert caps[0] != title[0]  # the marks differ
+    assert caps[1:] == title[1:]  # the letters do not
+    assert model.word(caps) == "SEA"
+    assert model.word(title) == "Sea"
 
 
 def test_every_word_opens_with_one_start_piece() -> None:

@@ -8,6 +8,7 @@ the lab's whitespace tokenizer and its uniform choice among the top-k words for 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -78,16 +79,20 @@ class TrainConfig:
             problems.append(f"--optimizer must be one of {', '.join(OPTIMIZERS)}")
         if not 0 <= self.weight_decay < 1:
             problems.append("--weight-decay must be in [0, 1)")
-        if not self.lr > 0:
-            problems.append("--lr must be positive")
-        if not self.clip > 0:
-            problems.append("--clip must be positive")
+        # NaN fails every comparison and infinity every bounded range: only the flags bounded
+        # on one side need math.isfinite (an infinite --lr trains NaN weights).
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            problems.append("--lr must be a positive finite number")
+        if not (math.isfinite(self.clip) and self.clip > 0):
+            problems.append("--clip must be a positive finite number")
         if not 0 <= self.valid_fraction < 0.9:
             problems.append("--valid-fraction must be in [0, 0.9)")
         if not 0 < self.lr_plateau_factor <= 1:
             problems.append("--lr-plateau-factor must be in (0, 1] (1 turns it off)")
-        if self.max_minutes is not None and not self.max_minutes > 0:
-            problems.append("--max-minutes must be positive")
+        if self.max_minutes is not None and not (
+            math.isfinite(self.max_minutes) and self.max_minutes > 0
+        ):
+            problems.append("--max-minutes must be a positive finite number")
         if self.tokenizer not in TOKENIZERS:
             problems.append(f"--tokenizer must be one of {', '.join(TOKENIZERS)}")
         if self.cell not in CELLS:

@@ -28,8 +28,7 @@ from training.corpus import CorpusError, read_corpus
 def evaluate(loaded: Checkpoint, text: str) -> dict[str, Any]:
     """The figures of ``text`` (one document: ``<bos>``, then its tokens) under ``loaded``."""
     vocab = loaded.vocab
-    words = vocab.split_words(text)
-    ids, _, _ = vocab.encode_words(words)
+    ids = vocab.encode(vocab.tokenize(text))  # exact, as training read its text
     if not ids:
         raise ValueError("the text holds no words")
     log_prob = math.fsum(token_log_probs(loaded.model, ids, vocab.bos_id).tolist())
