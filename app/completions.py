@@ -33,7 +33,14 @@ from pydantic import BaseModel, ConfigDict, Field, PlainValidator
 
 from app.errors import ApiError
 from app.models import UnknownModel
-from app.schemas import MAX_RANDOM_SEED, GenerateRequest, GenerateResponse, StopStrings
+from app.schemas import (
+    MAX_RANDOM_SEED,
+    GenerateRequest,
+    GenerateResponse,
+    OptionalText,
+    StopStrings,
+    ValidUnicode,
+)
 from app.serving import TextService
 
 if TYPE_CHECKING:
@@ -119,6 +126,7 @@ def _prompt(value: object) -> str | list[str]:
 Prompt = Annotated[
     str | list[str],
     PlainValidator(_prompt, json_schema_input_type=str | Annotated[list[str], Field(min_length=1)]),
+    ValidUnicode,
 ]
 
 
@@ -156,7 +164,7 @@ class CompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
-    model: str | None = Field(None, description="The id from GET /v1/models (or the run name).")
+    model: OptionalText = Field(None, description="The id from GET /v1/models (or the run name).")
     prompt: Prompt = Field(
         "",
         description="The text to continue, split by the model's tokenizer; a list of texts "
@@ -174,7 +182,7 @@ class CompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     echo: bool | None = Field(False, description="Return the prompt before each completion.")
     best_of: int | None = Field(None, ge=1, description="Only 1 (or equal to n) is supported.")
-    user: str | None = Field(None, description="Accepted and ignored.")
+    user: OptionalText = Field(None, description="Accepted and ignored.")
     logit_bias: Annotated[
         dict[str, int] | None,
         _unsupported(

@@ -137,7 +137,11 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unexpected error in %s %s", request.method, request.url.path)
+    from app.logs import log_safe, loggable_path  # app.logs imports this module
+
+    log.exception(
+        "unexpected error in %s %s", log_safe(request.method), loggable_path(request.url.path)
+    )
     return JSONResponse(error_body("internal error; the server log has the details"), 500)
 
 

@@ -7,6 +7,10 @@ send its own), else a new random one. The id is returned in ``X-Request-ID``, ke
 handled. When the request ends, one access line is logged on the ``app.access`` logger
 (client address, method, path, status, duration, bytes sent, request id).
 
+What a log line takes from a request is written by `log_safe`, control characters escaped, so
+a client cannot break a line or forge one (``/x%0aERROR: ...``); a session id in a path is
+written as its `session_fingerprint`, never as itself.
+
 An exception that escapes a handler is logged here, once, with its request id and traceback,
 and answered with the usual 500 body; request bodies are never logged. Set
 ``WORDRNN_LOG_FORMAT=json`` (or ``--log-format json``) for JSON lines.
@@ -14,6 +18,7 @@ and answered with the usual 500 body; request bodies are never logged. Set
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -39,6 +44,49 @@ access_log = logging.getLogger("app.access")
 
 # Fields of an access record, written as JSON fields (text: in the message).
 ACCESS_FIELDS = ("client", "method", "path", "status", "duration_ms", "bytes")
+
+
+# What a log line must not hold as it is: C0 controls, DEL and C1 controls (a line feed, a
+# carriage return or U+0085 starts a line; others drive terminals), the Unicode line and
+# paragraph separators, lone surrogates (no UTF-8 stream can write them), and the backslash,
+# so that an escape in a log line always stands for an escaped character.
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff\\]")
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
+# A session id in a request's path (``/sessions/{id}``, under any root path).
+_SESSION_ID_IN_PATH = re.compile(r"(?<=/sessions/)[^/]+")
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match[0]
+    code = ord(char)
+    return _SHORT_ESCAPES.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def log_safe(text: str) -> str:
+    """``text`` from a request as a log line may hold it: on one line, forging no other.
+
+    Applied where a record is made, not in a formatter, so that both formats and any other
+    handler (pytest's, or uvicorn's own config under ``uvicorn --factory``) get the same text.
+    """
+    return _UNSAFE.sub(_escape, text)
+
+
+def session_fingerprint(session_id: str) -> str:
+    """What logs write for a session id: ``~`` and the first 8 hex digits of its SHA-256.
+
+    Whoever holds a session id can read, continue and end the session (with API keys, along
+    with its creator's key), and logs are read by more people and systems than hold sessions.
+    The fingerprint still lets a reader follow one session through the log, but cannot be
+    turned back into the id (192 random bits); ``~`` is outside the ids' alphabet, so it is
+    never taken for one.
+    """
+    digest = hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).hexdigest()
+    return "~" + digest[:8]
+
+
+def loggable_path(path: str) -> str:
+    """A request's path as logs write it: session ids fingerprinted, then made `log_safe`."""
+    return log_safe(_SESSION_ID_IN_PATH.sub(lambda m: session_fingerprint(m[0]), path))
 
 
 def current_request_id() -> str | None:
@@ -160,8 +208,8 @@ class RequestLogMiddleware:
         except Exception:
             log.exception(
                 "unexpected error in %s %s",
-                scope["method"],
-                scope["path"],
+                log_safe(scope["method"]),
+                loggable_path(scope["path"]),
                 extra={"request_id": request_id},
             )
             if status is None:
@@ -184,9 +232,9 @@ class RequestLogMiddleware:
     ) -> None:
         client = scope.get("client")
         fields = {
-            "client": client[0] if client else None,
-            "method": scope["method"],
-            "path": scope["path"],
+            "client": log_safe(client[0]) if client else None,
+            "method": log_safe(scope["method"]),
+            "path": loggable_path(scope["path"]),
             "status": status,  # None: the client left before an answer
             "duration_ms": round((time.perf_counter() - started) * 1000, 1),
             "bytes": sent,

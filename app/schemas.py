@@ -1,17 +1,19 @@
 """Request and response bodies of the API.
 
-Requests are strict (``"stream": 0`` is not a boolean, ``"5"`` is not a number) and reject
-unknown fields. Bounds that do not depend on the deployment are declared here; limits that do
-(``max_words``, ``n``, seed length from the settings, ``top_k`` up to the vocabulary size) are
-checked against the loaded model in ``app/serving.py`` and listed by ``GET /info``.
+Requests are strict (``"stream": 0`` is not a boolean, ``"5"`` is not a number), reject
+unknown fields and refuse strings that are not valid Unicode. Bounds that do not depend on the
+deployment are declared here; limits that do (``max_words``, ``n``, seed length from the
+settings, ``top_k`` up to the vocabulary size) are checked against the loaded model in
+``app/serving.py`` and listed by ``GET /info``.
 """
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator
 
 from app.text import FinishReason
 
@@ -23,6 +25,32 @@ SESSION_ID_MAX_CHARS = 64
 MODEL_NAME_MAX_CHARS = 200
 
 OnUnknown = Literal["replace", "error"]
+
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _valid_unicode(value: object) -> object:
+    """Refuse a string, or a list's string, that holds a lone UTF-16 surrogate.
+
+    JSON's ``"\\ud800"`` escape decodes to one, and no UTF-8 text can hold it: let through, it
+    failed only when an answer echoing it was written, as a 500 after a session had been
+    created or a stream had begun. It runs before the field's own checks (whose length check
+    refuses it as "unable to parse raw data"); other types are left to those.
+    """
+    texts = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    for i, text in enumerate(texts):
+        if isinstance(text, str) and (found := _LONE_SURROGATE.search(text)):
+            where = "" if isinstance(value, str) else f"item {i} "
+            raise ValueError(
+                f"{where}holds a lone UTF-16 surrogate (\\u{ord(found[0]):04x}); send valid Unicode"
+            )
+    return value
+
+
+# Every string field of a request takes it: in the aliases below (after a PlainValidator,
+# so that it runs first), or as `OptionalText`.
+ValidUnicode = BeforeValidator(_valid_unicode)
+OptionalText = Annotated[str | None, ValidUnicode]
 
 
 def _words_or_text(value: object) -> list[str] | str:
@@ -65,6 +93,7 @@ _Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 WordsOrText = Annotated[
     list[str] | str,
     PlainValidator(_words_or_text, json_schema_input_type=list[_Word] | str),
+    ValidUnicode,
 ]
 StopStrings = Annotated[
     list[str],
@@ -72,6 +101,7 @@ StopStrings = Annotated[
         _stop_strings,
         json_schema_input_type=Annotated[list[_Stop], Field(max_length=MAX_STOPS)] | _Stop,
     ),
+    ValidUnicode,
 ]
 
 _SEED_WORDS = Field(
@@ -130,7 +160,7 @@ class GenerateRequest(_Request):
         "the text (not only at word boundaries) and left out of it. A session continues after "
         "the last word kept.",
     )
-    session_id: str | None = Field(
+    session_id: OptionalText = Field(
         None,
         min_length=1,
         max_length=SESSION_ID_MAX_CHARS,
@@ -138,7 +168,7 @@ class GenerateRequest(_Request):
     )
     stream: bool = Field(False, description="Send each word as a server-sent event.")
     on_unknown: OnUnknown = _ON_UNKNOWN
-    model: str | None = _MODEL
+    model: OptionalText = _MODEL
 
 
 class Usage(BaseModel):
@@ -180,7 +210,7 @@ class WordEventData(BaseModel):
 class SessionCreate(_Request):
     seed_words: WordsOrText | None = _SEED_WORDS
     on_unknown: OnUnknown = _ON_UNKNOWN
-    model: str | None = _MODEL
+    model: OptionalText = _MODEL
 
 
 class SessionPublic(BaseModel):
@@ -198,7 +228,7 @@ class SessionPublic(BaseModel):
 
 class NextWordsRequest(_Request):
     seed_words: WordsOrText | None = _SEED_WORDS
-    session_id: str | None = Field(
+    session_id: OptionalText = Field(
         None,
         min_length=1,
         max_length=SESSION_ID_MAX_CHARS,
@@ -206,7 +236,7 @@ class NextWordsRequest(_Request):
     )
     top_k: int = Field(10, ge=1, description="How many words to suggest.")
     on_unknown: OnUnknown = _ON_UNKNOWN
-    model: str | None = _MODEL
+    model: OptionalText = _MODEL
 
 
 class WordProbability(BaseModel):
@@ -225,7 +255,7 @@ class NextWordsResponse(BaseModel):
 class ScoreRequest(_Request):
     text: WordsOrText = Field(description="A list of words, or a string the tokenizer splits.")
     on_unknown: OnUnknown = _ON_UNKNOWN
-    model: str | None = _MODEL
+    model: OptionalText = _MODEL
 
 
 class ScoredWord(BaseModel):

@@ -189,6 +189,50 @@ def test_other_endpoints_name_the_bad_field(
     assert_error(client.post(path, json=body), 422, field)
 
 
+def post_escaped(client: TestClient, path: str, body: Any) -> Any:
+    """POST ``body`` as JSON with ``\\uXXXX`` escapes: a lone surrogate is sent as JSON's
+    ``"\\ud800"``, which httpx's own encoder (UTF-8) cannot write."""
+    return client.post(
+        path, content=json.dumps(body).encode(), headers={"content-type": "application/json"}
+    )
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/generate", {"seed_words": "I \ud800", "max_words": 3}, "seed_words"),
+        ("/generate", {"seed_words": ["I", "can\udc00"]}, "seed_words"),
+        ("/generate", {"seed_words": "I \ud800", "stream": True}, "seed_words"),
+        ("/generate", {"stop": "\ud800"}, "stop"),
+        ("/generate", {"stop": [".", "\udfff!"]}, "stop"),
+        ("/generate", {"session_id": "\ud800"}, "session_id"),
+        ("/generate", {"model": "run\ud800"}, "model"),
+        ("/sessions", {"seed_words": "I \ud800"}, "seed_words"),
+        ("/sessions", {"model": "\ud800"}, "model"),
+        ("/next-words", {"seed_words": "\ud800"}, "seed_words"),
+        ("/next-words", {"session_id": "x\ud800"}, "session_id"),
+        ("/score", {"text": "I can \ud800"}, "text"),
+        ("/score", {"text": ["I", "\ud800"]}, "text"),
+    ],
+)
+def test_a_lone_surrogate_is_refused_naming_its_field(
+    client: TestClient, path: str, body: dict[str, Any], field: str
+) -> None:
+    error = assert_error(post_escaped(client, path, body), 422, field)
+    message = next(e["message"] for e in error["errors"] if e["field"] == field)
+    assert "lone UTF-16 surrogate (\\ud" in message
+    assert message.endswith("send valid Unicode")
+
+
+def test_a_session_with_a_lone_surrogate_is_not_created(client: TestClient) -> None:
+    sessions = client.app.state.models.default.service.sessions  # type: ignore[attr-defined]
+    before = len(sessions)
+    assert_error(
+        post_escaped(client, "/sessions", {"seed_words": "I can \ud800"}), 422, "seed_words"
+    )
+    assert len(sessions) == before
+
+
 def test_a_session_id_that_is_too_long_is_refused(client: TestClient) -> None:
     assert_error(client.get("/sessions/" + "x" * 65), 422, "session_id")
 
@@ -202,9 +246,13 @@ def test_unknown_paths_and_methods_answer_in_the_same_shape(client: TestClient) 
     assert wrong.json()["errors"] == []
 
 
+# Every code point, lone surrogates too (JSON's "\ud800" escape sends one).
+code_points = st.characters()
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(code_points, max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(code_points, max_size=8), inner)
+    ),
     max_leaves=10,
 )
 fields = st.sampled_from(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -125,6 +126,95 @@ def test_the_text_format_adds_the_request_id_to_a_requests_lines() -> None:
     assert formatter.format(record) == "INFO:     ready"
     record.request_id = "r-2"
     assert formatter.format(record) == "INFO:     ready [request_id=r-2]"
+
+
+def fingerprint(session_id: str) -> str:
+    """What the log writes for a session id, as documented: ``~`` and 8 hex digits of SHA-256."""
+    return "~" + hashlib.sha256(session_id.encode()).hexdigest()[:8]
+
+
+# A line feed and a carriage return, ESC (a terminal's colours), U+0085 and U+2028 (line breaks
+# to many readers), DEL, a backslash and a tab, percent-encoded in a path.
+FORGED_URL = "/nope%0aERROR:%20forged%20line%0d%1b%5b31m%c2%85%e2%80%a8%7f%5c%09"
+FORGED_PATH = "/nope\\nERROR: forged line\\r\\x1b[31m\\x85\\u2028\\x7f\\\\\\t"
+
+
+@pytest.mark.parametrize(
+    ("url", "logged"),
+    [
+        (FORGED_URL, FORGED_PATH),
+        (
+            "/sessions/abc%0aERROR:%20forged%20line",
+            "/sessions/" + fingerprint("abc\nERROR: forged line"),
+        ),
+    ],
+)
+def test_a_forged_line_stays_on_one_line_in_both_formats(
+    client: TestClient, caplog: pytest.LogCaptureFixture, url: str, logged: str
+) -> None:
+    caplog.set_level(logging.INFO, logger="app")
+    assert client.get(url).status_code == 404
+    [record] = access_records(caplog)
+    assert record.__dict__["path"] == logged
+    text = TextFormatter("%(levelprefix)s %(message)s", use_colors=False).format(record)
+    assert text.splitlines() == [text]
+    assert f'"GET {logged} HTTP/1.1" 404' in text
+    line = JsonFormatter().format(record)
+    assert line.splitlines() == [line]
+    assert json.loads(line)["path"] == logged
+
+
+def test_a_session_id_is_logged_only_as_its_fingerprint(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="app")
+    created = client.post("/sessions", json={"seed_words": "I can"})
+    assert created.status_code == 201
+    session_id = created.json()["session_id"]
+    answers = [
+        client.get(f"/sessions/{session_id}"),
+        client.post("/generate", json={"session_id": session_id, "max_words": 2}),
+        client.post("/next-words", json={"session_id": session_id}),
+        client.delete(f"/sessions/{session_id}"),
+        client.get(f"/sessions/{session_id}"),
+    ]
+    assert [a.status_code for a in answers] == [200, 200, 200, 204, 404]
+    assert session_id not in caplog.text
+    assert all(session_id not in repr(r.__dict__) for r in caplog.records)
+    logged = f"/sessions/{fingerprint(session_id)}"
+    assert [r.__dict__["path"] for r in access_records(caplog)].count(logged) == 3
+    assert caplog.text.count(logged) == 3
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_real_servers_log_holds_no_forged_line_and_no_session_id(
+    tiny_run: Path, tmp_path: Path, log_format: str
+) -> None:
+    with run_app(tiny_run, tmp_path / "app.log", "--log-format", log_format) as app:
+        with httpx.Client(base_url=app.url) as http:
+            session_id = http.post("/sessions", json={"seed_words": "I can"}).json()["session_id"]
+            answers = [
+                http.get(f"/sessions/{session_id}"),
+                http.post("/generate", json={"session_id": session_id, "max_words": 2}),
+                http.delete(f"/sessions/{session_id}", headers={"X-Request-ID": "req-deleted"}),
+                http.get(FORGED_URL, headers={"X-Request-ID": "req-forged"}),
+            ]
+        assert [a.status_code for a in answers] == [200, 200, 204, 404]
+
+        def line_of(request_id: str) -> str | None:
+            lines = [line for line in app.log().splitlines() if request_id in line]
+            return lines[0] if lines else None
+
+        wait_for(lambda: line_of("req-deleted"), "the DELETE's access line")
+        forged = wait_for(lambda: line_of("req-forged"), "the forged request's access line")
+    log = app.log()
+    assert session_id not in log
+    assert f"/sessions/{fingerprint(session_id)}" in log
+    assert [line for line in log.splitlines() if "forged line" in line] == [forged]
+    if log_format == "json":
+        assert json.loads(forged)["path"] == FORGED_PATH
+    else:
+        assert f'"GET {FORGED_PATH} HTTP/1.1" 404' in forged
 
 
 def test_the_command_line_takes_the_log_format_and_the_trusted_proxies() -> None:

@@ -250,6 +250,34 @@ def test_a_bad_request_in_a_stream_is_refused_before_it_starts(
         sdk.completions.create(model=model, prompt="I", max_tokens=1000, stream=True)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "I \ud800", "echo": True}, "prompt"),
+        ({"prompt": ["I can", "\udc00"], "echo": True}, "prompt"),
+        ({"prompt": "I", "stop": ["\ud800"]}, "stop"),
+        ({"prompt": "I", "model": "run\ud800"}, "model"),
+        ({"prompt": "I", "user": "\ud800"}, "user"),
+    ],
+)
+def test_a_lone_surrogate_is_openais_400_before_any_stream(
+    client: TestClient, body: dict[str, Any], param: str, stream: bool
+) -> None:
+    response = client.post(
+        "/v1/completions",
+        # json.dumps writes the surrogate as JSON's "\ud800"; httpx's encoder cannot.
+        content=json.dumps({**body, "max_tokens": 2, "stream": stream}).encode(),
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 400, response.text
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    assert "lone UTF-16 surrogate (\\ud" in error["message"]
+
+
 def test_malformed_json_is_openais_400(client: TestClient) -> None:
     response = client.post(
         "/v1/completions", content=b'{"prompt": ', headers={"content-type": "application/json"}
