@@ -23,6 +23,13 @@ the manifest changes; the old version keeps serving. A new subfolder is loaded a
 the same way (a training run, once it has committed its first weights). A removed subfolder
 keeps being served from memory until the server restarts, so that a name requests use never
 disappears under them.
+
+A subfolder whose manifest cannot be read (not a run manifest, nested too deeply to parse, in
+a folder that cannot be opened) cannot be told from a stray folder, so it holds back no other
+model: at start-up it is refused as a new model that fails to load is (one line naming the
+file) and the others are served, whereas a checkpoint that fails verification stops the
+start-up. While serving, each model's check stands alone: a bad manifest in one folder never
+keeps another model's new version out.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from app.errors import ApiError, StartupError
 from app.serving import TextService
 from app.sessions import SessionStore
 from app.settings import Settings
-from model_store.checkpoint import MANIFEST_FILE, is_run_dir
+from model_store.checkpoint import MANIFEST_FILE, is_run_dir, read_manifest
 
 log = logging.getLogger("app")
 
@@ -81,40 +88,44 @@ def model_name(run_dir: Path) -> str:
     return run_dir.name or run_dir.resolve().name
 
 
-def run_folders(models_dir: Path) -> dict[str, Path]:
-    """Each subfolder of ``models_dir`` that holds a run folder, by name (OSError when the
-    folder cannot be listed). Hidden folders are left out, and so are training runs that
-    have not committed weights yet: they become models with their first weights."""
-    return {
-        entry.name: entry
-        for entry in sorted(models_dir.iterdir())
-        if not entry.name.startswith(".") and is_run_dir(entry) and not _awaits_weights(entry)
-    }
+def run_folders(models_dir: Path) -> tuple[dict[str, Path], dict[str, Path]]:
+    """The subfolders of ``models_dir`` that are models, by name, and those whose manifest
+    cannot be read (loading them says why, in one line naming the file); OSError when the
+    folder itself cannot be listed. Hidden folders are left out, and so are training runs
+    that have not committed weights yet: they become models with their first weights."""
+    models: dict[str, Path] = {}
+    unreadable: dict[str, Path] = {}
+    for entry in sorted(models_dir.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        try:
+            if is_run_dir(entry) and read_manifest(entry).get("weights") is not None:
+                models[entry.name] = entry
+        except Exception:  # CheckpointError, or anything else: this folder alone is unreadable
+            unreadable[entry.name] = entry
+    return models, unreadable
 
 
-def _awaits_weights(run_dir: Path) -> bool:
-    """Whether the manifest is a training run's header, naming no weights yet (one that
-    cannot be read is left to loading, which says what is wrong with it)."""
-    raw = _read_manifest(run_dir)
-    manifest = _parse(raw) if raw is not None else {}
-    return bool(manifest) and manifest.get("weights") is None
-
-
-def find_models(settings: Settings) -> dict[str, Path]:
-    """The models to serve at start-up, by name; StartupError when there are none."""
+def find_models(settings: Settings) -> tuple[dict[str, Path], dict[str, Path]]:
+    """The models to serve at start-up, by name, and the subfolders whose manifest cannot
+    be read (`run_folders`); StartupError when there are no models."""
     if settings.model_dir is not None:
-        return {model_name(settings.model_dir): settings.model_dir}
+        return {model_name(settings.model_dir): settings.model_dir}, {}
     models_dir = settings.models_dir
     assert models_dir is not None, "the settings require model_dir or models_dir"
     try:
-        found = run_folders(models_dir)
+        found, unreadable = run_folders(models_dir)
     except OSError as exc:
         raise StartupError(
             f"{models_dir}: cannot list the models folder ({exc.strerror})"
         ) from None
     if not found:
-        raise StartupError(f"{models_dir}: holds no run folder (a subfolder with {MANIFEST_FILE})")
-    return found
+        problem = f"holds no run folder (a subfolder with {MANIFEST_FILE})"
+        if unreadable:
+            named = ", ".join(str(run_dir / MANIFEST_FILE) for run_dir in unreadable.values())
+            problem += f"; cannot read {named}"
+        raise StartupError(f"{models_dir}: {problem}")
+    return found, unreadable
 
 
 def pick_default(names: Sequence[str], wanted: str | None, where: Path) -> str:
@@ -157,7 +168,7 @@ def _parse(data: bytes) -> dict[str, Any]:
     """A manifest's JSON; an empty one when it is not readable (loading it will say why)."""
     try:
         manifest = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested too deeply
         return {}
     return manifest if isinstance(manifest, dict) else {}
 
@@ -255,9 +266,10 @@ class ModelRegistry:
         """Load every model, then watch for new checkpoints (with a reload interval).
 
         Raises StartupError (one line naming the file or the setting) when a model cannot be
-        served, after closing whatever was started.
+        served, after closing whatever was started. A subfolder whose manifest cannot be read
+        is refused as a new model would be (one line naming the file), the others served.
         """
-        found = find_models(self.settings)
+        found, unreadable = find_models(self.settings)
         where = self.settings.models_dir or self.settings.model_dir
         assert where is not None
         self.default_name = pick_default(list(found), self.settings.default_model, where)
@@ -265,6 +277,9 @@ class ModelRegistry:
             for name, run_dir in found.items():
                 raw = await asyncio.to_thread(_read_manifest, run_dir)
                 await self._add(name, run_dir, _sha(raw))
+            for name, run_dir in unreadable.items():  # refused in one line, not served
+                raw = await asyncio.to_thread(_read_manifest, run_dir)
+                await self._add_new(name, run_dir, raw)
         except BaseException:
             await self.close()
             raise
@@ -346,11 +361,11 @@ class ModelRegistry:
         new: dict[str, tuple[Path, bytes]] = {}
         if self.settings.models_dir is not None:
             try:
-                found = run_folders(self.settings.models_dir)
+                found, unreadable = run_folders(self.settings.models_dir)
             except OSError as exc:
                 log.warning("cannot list the models folder (%s); serving what is loaded", exc)
-                found = {}
-            for name, run_dir in found.items():
+                found, unreadable = {}, {}
+            for name, run_dir in {**found, **unreadable}.items():  # loading refuses the latter
                 if name not in run_dirs and (raw := _read_manifest(run_dir)) is not None:
                     new[name] = (run_dir, raw)
         return manifests, new
@@ -380,7 +395,7 @@ class ModelRegistry:
         self._retire(slot.name, old)
         return Change(slot.name, "reloaded", service.model_id)
 
-    async def _add_new(self, name: str, run_dir: Path, raw: bytes) -> Change | None:
+    async def _add_new(self, name: str, run_dir: Path, raw: bytes | None) -> Change | None:
         sha = _sha(raw)
         if self._refused_new.get(name) == sha:
             return None

@@ -22,6 +22,17 @@ from model_store import checkpoint
 from model_store.network import Hidden, top_features
 from model_store.sampling import advance, next_logits, prime
 
+# A manifest.json nested deeper than the json module can recurse: it raises RecursionError.
+NESTED_MANIFEST = b"[" * 100_000 + b"]" * 100_000
+
+
+def write_nested_manifest(run_dir: Path) -> Path:
+    """Give ``run_dir`` (made if missing) a manifest that cannot be parsed; its path."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest = run_dir / "manifest.json"
+    manifest.write_bytes(NESTED_MANIFEST)
+    return manifest
+
 
 def settings_for(run_dir: Path, **overrides: Any) -> Settings:
     return Settings(model_dir=run_dir, **{"device": "cpu", **overrides})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from app.errors import StartupError
 from app.main import create_app
 from app.settings import Settings
 from model_store import checkpoint
-from tests.app_helpers import Replay
+from tests.app_helpers import Replay, write_nested_manifest
 from tests.conftest import build_run
 
 POEMS = "Roses are red, violets are blue.\nSugar is sweet, and so are you.\n" * 4
@@ -206,6 +207,40 @@ def test_a_bad_checkpoint_among_the_models_stops_start_up(tmp_path: Path) -> Non
     app = create_app(models_settings(tmp_path))
     with pytest.raises(StartupError, match=re.escape(f"{weights}: corrupt")), TestClient(app):
         pass
+
+
+def test_a_manifest_that_cannot_be_read_skips_its_folder_and_the_others_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    build_run(tmp_path / "default")
+    build_run(tmp_path / "poems", text=POEMS, seed=1)
+    manifest = write_nested_manifest(tmp_path / "nested")
+    app = create_app(models_settings(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="app"), TestClient(app) as client:
+        assert [card["id"] for card in client.get("/v1/models").json()["data"]] == [
+            "default",
+            "poems",
+        ]
+        assert post(client, "/generate", model="poems", max_words=2)["model"].startswith("poems-")
+        assert client.post("/generate", json={"model": "nested"}).status_code == 404
+    [record] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert str(manifest) in record.getMessage()
+    assert "nested too deeply" in record.getMessage()
+    assert "\n" not in record.getMessage()
+    assert record.exc_info is None  # no traceback
+
+
+def test_the_command_line_names_the_manifest_it_cannot_read_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = write_nested_manifest(tmp_path / "nested")
+    assert main(["--models-dir", str(tmp_path), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        f"error: {tmp_path}: holds no run folder (a subfolder with manifest.json); "
+        f"cannot read {manifest}"
+    )
+    assert "Traceback" not in err
 
 
 def test_flags_and_settings_for_several_models(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ and the benchmark's no-op endpoint."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from app.__main__ import build_settings, parse_args
 from app.engine import Engine, Generation, GenerationJob
 from app.main import create_app
 from app.settings import Settings
-from tests.app_helpers import Gate, settings_for
+from tests.app_helpers import Gate, http_scope, settings_for
 
 
 class Submissions:
@@ -159,6 +160,56 @@ def test_a_generation_past_its_deadline_is_a_504(
             assert app.state.models.default.service.engine.stats()["active_rows"] == 0
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("engine", ["batched", "naive"])
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/generate", {"max_words": 500, "n": 8}),
+        ("/v1/completions", {"prompt": "I can", "max_tokens": 500, "n": 8}),
+    ],
+)
+def test_a_client_that_leaves_a_plain_request_cancels_its_generation(
+    tiny_run: Path, monkeypatch: pytest.MonkeyPatch, engine: str, path: str, body: dict[str, Any]
+) -> None:
+    app = create_app(settings_for(tiny_run, engine=engine))
+    payload = json.dumps(body).encode()
+    sent: list[dict[str, Any]] = []
+
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any], bool]:
+        async with LifespanManager(app):
+            served: Engine = app.state.models.default.service.engine
+            before = served.stats()
+            gate = Gate(monkeypatch)  # after the warm-up: holds the request's first step
+            read = False
+
+            async def receive() -> dict[str, Any]:
+                nonlocal read
+                if not read:
+                    read = True
+                    return {"type": "http.request", "body": payload, "more_body": False}
+                await gate.wait_entered()  # its rows are in a step: the client leaves
+                return {"type": "http.disconnect"}
+
+            async def send(message: dict[str, Any]) -> None:
+                sent.append(message)
+
+            scope = http_scope(path, [(b"content-length", str(len(payload)).encode())])
+            request = asyncio.create_task(app(scope, receive, send))
+            done, _ = await asyncio.wait({request}, timeout=10)
+            gate.open()
+            await asyncio.wait_for(request, timeout=30)
+            # One inference thread runs the work in order: this call ends after the drop.
+            await asyncio.wait_for(served.prime([], None), timeout=30)
+            return before, served.stats(), bool(done)
+
+    before, after, answered_while_held = asyncio.run(scenario())
+    assert answered_while_held, "the request went on generating after its client left"
+    assert sent[0]["status"] == 499
+    assert after["cancelled"] == before["cancelled"] + 1
+    assert after["words"] == before["words"]  # it did not run to its last word
+    assert (after["pending"], after["active_rows"], after["queue_length"]) == (0, 0, 0)
 
 
 def test_both_engines_give_the_same_text(tiny_run: Path) -> None:

@@ -1,17 +1,27 @@
-"""``POST /generate``: text from the model, as one JSON response or as server-sent events."""
+"""``POST /generate``: text from the model, as one JSON response or as server-sent events.
+
+Either way a client that disconnects stops its generation at the engine's next step: a stream
+as its event generator is closed, a plain request through `cancelled_on_disconnect`.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import asyncio
+from collections.abc import Awaitable
+from typing import Annotated, Any, TypeVar
 
 import anyio
-from fastapi import APIRouter, Body
+from fastapi import APIRouter, Body, Request
 from fastapi.openapi.models import Example
 from sse_starlette import EventSourceResponse
+from starlette.types import Receive
 
 from app.deps import ModelsDep
+from app.errors import ApiError
 from app.routes.responses import component, errors, json_data
 from app.schemas import GenerateRequest, GenerateResponse, WordEventData
+
+T = TypeVar("T")
 
 router = APIRouter(tags=["generate"])
 
@@ -52,6 +62,38 @@ EXAMPLES: dict[str, Example] = {
 }
 
 
+async def cancelled_on_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """``work``, the answer to a plain (not streamed) request, cancelled if its client leaves.
+
+    Nothing else would stop it: only a streaming response listens for its client leaving, so
+    an abandoned generation would keep its rows in every step to its last word. One task
+    waits for the disconnect and then expires a timeout around ``work`` (asyncio's way to
+    cancel a block from outside and tell that cancellation from any other); it reaches
+    `Generation.result`, which drops the generation at the engine's next step. Nobody reads
+    the answer then: a 499 (nginx's "client closed the request") for the log and metrics.
+    """
+    try:
+        async with asyncio.timeout(None) as timeout:
+            watcher = asyncio.create_task(_expire_on_disconnect(request.receive, timeout))
+            try:
+                return await work
+            finally:
+                watcher.cancel()
+    except TimeoutError:
+        if not timeout.expired():  # not ours: raised by the work itself
+            raise
+        raise ApiError(499, "the client closed the request") from None
+
+
+async def _expire_on_disconnect(receive: Receive, timeout: asyncio.Timeout) -> None:
+    """Expire ``timeout`` now once the client disconnects. The body was read whole before
+    the handler ran, so ``receive`` has no byte left to take from anyone: it waits, without
+    polling, for the disconnect (or is cancelled when the answer is ready)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass  # an empty body message: a server may wake with one after the body
+    timeout.reschedule(asyncio.get_running_loop().time())
+
+
 def _event(name: str, data: dict[str, Any]) -> dict[str, Any]:
     return {
         "type": "object",
@@ -90,7 +132,9 @@ STREAM_DOC: dict[str, Any] = {
     summary="Generate text",
 )
 async def generate(
-    req: Annotated[GenerateRequest, Body(openapi_examples=EXAMPLES)], models: ModelsDep
+    req: Annotated[GenerateRequest, Body(openapi_examples=EXAMPLES)],
+    models: ModelsDep,
+    request: Request,
 ) -> GenerateResponse | EventSourceResponse:
     """Continue the seed words (or a session) with the lab's stateful hidden-state sampling.
 
@@ -106,4 +150,5 @@ async def generate(
             shutdown_event=stopping,
             shutdown_grace_period=SHUTDOWN_GRACE_SECONDS,
         )
-    return await models.run(req.model, lambda service: service.generate(req))
+    work = models.run(req.model, lambda service: service.generate(req))
+    return await cancelled_on_disconnect(request, work)

@@ -32,7 +32,7 @@ from app.completions import (
 from app.deps import ModelsDep
 from app.errors import ApiError
 from app.errors import _convert as validation_errors
-from app.routes.generate import SHUTDOWN_GRACE_SECONDS, SSE_HEADERS
+from app.routes.generate import SHUTDOWN_GRACE_SECONDS, SSE_HEADERS, cancelled_on_disconnect
 from app.routes.responses import RETRY_AFTER, component, json_data
 from app.schemas import MODEL_NAME_MAX_CHARS
 from app.serving import TextService
@@ -163,7 +163,9 @@ STREAM_DOC: dict[str, Any] = {
     summary="Create a completion (OpenAI-compatible)",
 )
 async def create_completion(
-    req: Annotated[CompletionRequest, Body(openapi_examples=EXAMPLES)], models: ModelsDep
+    req: Annotated[CompletionRequest, Body(openapi_examples=EXAMPLES)],
+    models: ModelsDep,
+    request: Request,
 ) -> Completion | EventSourceResponse:
     """OpenAI's completions API on the model `model` (the default model without one): point
     an OpenAI client at `.../v1`."""
@@ -180,7 +182,8 @@ async def create_completion(
             shutdown_event=stopping,
             shutdown_grace_period=SHUTDOWN_GRACE_SECONDS,
         )
-    return await models.run(req.model, lambda service: completions(service).create())
+    work = models.run(req.model, lambda service: completions(service).create())
+    return await cancelled_on_disconnect(request, work)
 
 
 @router.get("/models", response_model=ModelList, responses=ERRORS, summary="List the models")
