@@ -14,7 +14,10 @@ A run folder holds::
 ``manifest.json`` is the commit point. A save writes its new files under new names, then
 replaces the manifest in one ``os.replace``, then removes the files that no manifest names any
 more. A crash or a kill at any moment leaves the previous manifest and every file it names in
-place, so the folder always loads. Weights are safetensors files: loading never unpickles.
+place, so the folder always loads, and the files a kill leaves behind are removed by the next
+save or when the trainer takes the folder back (``remove_leftovers``; a reader never deletes).
+Weights are safetensors files: loading never unpickles, and weights that are not finite (a run
+that diverged) are refused. The JSON files are strict JSON: NaN and infinities are never written.
 """
 
 from __future__ import annotations
@@ -159,7 +162,10 @@ def _file_record(data: bytes) -> dict[str, Any]:
 
 
 def _json_bytes(data: Any) -> bytes:
-    return (json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False) + "\n").encode()
+    """Strict JSON: a NaN or an infinity raises ValueError instead of writing a file that other
+    JSON readers (browsers, jq, most languages) reject."""
+    text = json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False, allow_nan=False)
+    return (text + "\n").encode()
 
 
 def library_versions() -> dict[str, str]:
@@ -284,6 +290,8 @@ def commit(
         put("weights", f"model-{iteration:08d}.safetensors", data)
     if resume is not None:
         tensors, state = resume
+        # Not strict JSON: the LR scheduler's state holds infinities, and only load_resume
+        # (Python's json, which reads them back) ever parses it.
         meta = {"kind": "resume", "state": json.dumps(state)}
         put(
             "resume",
@@ -298,6 +306,15 @@ def commit(
     atomic_write_bytes(run_dir / MANIFEST_FILE, _json_bytes(manifest))
     _remove_stale(run_dir, set(manifest["files"]))
     return manifest
+
+
+def remove_leftovers(run_dir: Path) -> None:
+    """Remove what a save killed midway left in ``run_dir``: its temporaries (as large as the
+    weights) and the files no manifest names. Only the folder's one writer may call this, when it
+    takes the folder (the trainer, as it resumes): another writer's temporaries are in use, and
+    a server reading the folder must never delete."""
+    run_dir = Path(run_dir)
+    _remove_stale(run_dir, set(read_manifest(run_dir)["files"]))
 
 
 def _remove_stale(run_dir: Path, live: set[str]) -> None:
@@ -381,7 +398,8 @@ def _load_tensors(path: Path, data: bytes) -> tuple[dict[str, Tensor], dict[str,
 
 
 def check_state(model: WordRNN, tensors: Mapping[str, Tensor], path: Path) -> None:
-    """Raise CheckpointError unless ``tensors`` match the model's names, shapes and dtypes."""
+    """Raise CheckpointError unless ``tensors`` match the model's names, shapes and dtypes and
+    hold finite values only."""
     expected = weights_state(model)
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
@@ -399,6 +417,8 @@ def check_state(model: WordRNN, tensors: Mapping[str, Tensor], path: Path) -> No
                 f"tensor {name} has shape {tuple(got.shape)} {got.dtype}, but config.json and "
                 f"vocab.json need {tuple(tensor.shape)} {tensor.dtype}",
             )
+        if not bool(got.isfinite().all()):  # a diverged run: it would only ever sample NaN
+            raise CheckpointError(path, f"tensor {name} holds NaN or infinite values")
 
 
 def _build(config: ModelConfig, config_path: Path, tensors: Mapping[str, Tensor]) -> WordRNN:
@@ -429,8 +449,8 @@ def load(run_dir: Path | str, device: str | torch.device = "cpu") -> Checkpoint:
     """Load and verify a run folder's best weights onto ``device``, in eval mode.
 
     Every file is checked against the sha256 in the manifest and every tensor against the
-    shapes the config and the vocabulary imply; any problem raises CheckpointError naming the
-    file. Nothing is unpickled.
+    shapes the config and the vocabulary imply, and for NaN or infinite values; any problem
+    raises CheckpointError naming the file. Nothing is unpickled.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

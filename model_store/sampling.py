@@ -19,7 +19,7 @@ never on which other rows share its batch.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -182,12 +182,15 @@ def generate(
     hidden: Hidden | None = None,
     banned_ids: Sequence[int] = (),
     first_banned_ids: Sequence[int] = (),
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[list[int], Hidden]:
     """One row, one word at a time: the lab's ``predict``. Returns the new ids and the state.
 
     With ``hidden`` given (a session), generation continues from it after feeding ``seed_ids``.
     ``first_banned_ids`` are also banned from the first word (a subword model's continuation
-    pieces: the seed's last word is whole).
+    pieces: the seed's last word is whole). ``should_stop`` is asked before each word; once it
+    says yes, the words so far are returned (a training preview must not outlive a Ctrl-C, a
+    SIGTERM or the time budget). It draws nothing, so the words are those of a shorter run.
     """
     if hidden is None:
         hidden = prime(model, [seed_ids], bos_id)
@@ -195,6 +198,8 @@ def generate(
         hidden = feed(model, [seed_ids], hidden)
     out: list[int] = []
     for step in range(n_words):
+        if should_stop is not None and should_stop():
+            break
         banned = [*banned_ids, *first_banned_ids] if step == 0 else banned_ids
         (word,) = sample(next_logits(model, hidden), [params], [generator], banned)
         out.append(word)

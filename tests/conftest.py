@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -69,6 +70,15 @@ def build_run(
         info={"best_valid_perplexity": None},
     )
     return run_dir
+
+
+def commit_non_finite_weights(run_dir: Path, value: float = math.nan) -> Path:
+    """Commit, with the real ``checkpoint.commit``, weights of ``run_dir`` whose embedding holds
+    ``value``, as a diverged run trains them; return the weights file."""
+    state = checkpoint.weights_state(checkpoint.load(run_dir).model)
+    state["embedding.weight"][0, 0] = value
+    manifest = checkpoint.commit(run_dir, weights=state, iteration=2)
+    return run_dir / manifest["weights"]
 
 
 @pytest.fixture

@@ -28,8 +28,8 @@ from app.sessions import MemorySessionStore, Session
 from app.settings import Settings
 from model_store import checkpoint
 from model_store.network import Hidden, WordRNN
-from tests.app_helpers import parse_sse
-from tests.conftest import build_run
+from tests.app_helpers import parse_sse, write_nested_manifest
+from tests.conftest import build_run, commit_non_finite_weights
 from tests.live_server import wait_for
 
 
@@ -227,6 +227,17 @@ def test_a_corrupt_checkpoint_is_refused_and_the_old_one_keeps_serving(
     assert post(client, "/generate", max_words=3)["model"] == change.detail != serving
 
 
+def test_non_finite_weights_are_refused_and_the_old_ones_keep_serving(
+    client: TestClient, models_dir: Path
+) -> None:
+    serving = client.get("/info").json()["model"]
+    weights = commit_non_finite_weights(models_dir / "default")
+    [change] = check_now(client)
+    assert change.outcome == "refused"
+    assert f"{weights}: tensor embedding.weight holds NaN or infinite values" in change.detail
+    assert post(client, "/generate", max_words=3)["model"] == serving
+
+
 def test_a_commit_of_the_training_state_alone_is_not_a_new_version(
     client: TestClient, models_dir: Path
 ) -> None:
@@ -252,6 +263,33 @@ def test_a_new_subfolder_is_served_and_a_bad_one_refused(
     refused = client.post("/generate", json={"model": "broken"})
     assert refused.status_code == 404
     assert reload_failures(client, "broken") == 1
+
+
+@pytest.mark.parametrize("broken", ["late", "served"])  # a new subfolder, a served model
+def test_a_manifest_that_cannot_be_read_holds_back_no_other_model(
+    tmp_path: Path, broken: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    models_dir = tmp_path / "models"
+    build_run(models_dir / "default", seed=0)
+    build_run(models_dir / "served", seed=2)
+    with TestClient(create_app(settings_for(models_dir=models_dir))) as client:
+        serving = post(client, "/generate", model="served", max_words=1)["model"]
+        manifest = write_nested_manifest(models_dir / broken)
+        build_run(models_dir / "default", seed=1)  # a good commit to another model
+        with caplog.at_level(logging.WARNING, logger="app"):
+            changes = {change.name: change for change in check_now(client)}
+            assert check_now(client) == []  # the same manifest is not tried again
+        assert changes["default"].outcome == "reloaded"
+        assert post(client, "/generate", max_words=2)["model"] == changes["default"].detail
+        assert changes[broken].outcome == "refused"
+        [record] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert str(manifest) in record.getMessage()
+        assert "nested too deeply" in record.getMessage()
+        assert "\n" not in record.getMessage()
+        assert reload_failures(client, broken) == 1
+        assert post(client, "/generate", model="served", max_words=1)["model"] == serving
+        ids = [card["id"] for card in client.get("/v1/models").json()["data"]]
+        assert ids == ["default", "served"]
 
 
 def test_a_training_run_becomes_a_model_with_its_first_weights(

@@ -29,7 +29,7 @@ from app.settings import Settings
 from model_store import checkpoint
 from model_store.network import ModelConfig, WordRNN
 from tests.app_helpers import parse_sse, settings_for
-from tests.conftest import MakeRun
+from tests.conftest import MakeRun, commit_non_finite_weights
 
 REPO = Path(__file__).resolve().parents[1]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -167,7 +167,7 @@ def test_a_corrupt_checkpoint_stops_the_command_with_one_line_naming_the_file(
     assert "Uvicorn running" not in done.stderr
 
 
-@pytest.mark.parametrize("problem", ["missing", "corrupt", "mismatched", "not-a-run"])
+@pytest.mark.parametrize("problem", ["missing", "corrupt", "mismatched", "diverged", "not-a-run"])
 def test_a_bad_checkpoint_fails_the_lifespan_naming_the_file(
     tmp_path: Path, make_run: MakeRun, problem: str
 ) -> None:
@@ -179,6 +179,9 @@ def test_a_bad_checkpoint_fails_the_lifespan_naming_the_file(
     elif problem == "mismatched":
         run_dir = mismatched_run(tmp_path / "mismatched", make_run)
         named = run_dir / checkpoint.read_manifest(run_dir)["weights"]
+    elif problem == "diverged":  # NaN weights: every sample would be garbage
+        named = commit_non_finite_weights(make_run())
+        run_dir = named.parent
     else:
         run_dir, named = tmp_path, tmp_path / "manifest.json"
     with pytest.raises(StartupError) as caught, TestClient(create_app(settings_for(run_dir))):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import pickle
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from model_store import checkpoint
 from model_store.checkpoint import CheckpointError
 from model_store.network import ModelConfig, WordRNN
 from model_store.vocab import Vocab, tokenize
-from tests.conftest import TINY_TEXT, MakeRun
+from tests.conftest import TINY_TEXT, MakeRun, commit_non_finite_weights
 
 VOCAB = Vocab.build(tokenize(TINY_TEXT))
 IDS = torch.tensor([VOCAB.encode(tokenize("I can see the sea ."))])  # (1, 6)
@@ -176,6 +177,13 @@ def test_weights_missing_a_tensor_name_the_file(make_run: MakeRun) -> None:
     message = load_error(run_dir)
     assert name in message
     assert "decoder.bias" in message
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_non_finite_weights_name_the_file_and_the_tensor(make_run: MakeRun, value: float) -> None:
+    weights = commit_non_finite_weights(make_run(), value)
+    message = load_error(weights.parent)
+    assert message == f"{weights}: tensor embedding.weight holds NaN or infinite values"
 
 
 def test_unknown_manifest_format_version_names_the_manifest(make_run: MakeRun) -> None:
@@ -353,6 +361,39 @@ def test_a_commit_removes_weights_no_manifest_names(tmp_path: Path) -> None:
     weights = sorted(p.name for p in run_dir.glob("model-*.safetensors"))
     assert weights == ["model-00000003.safetensors"]
     assert sorted(newest["files"]) == ["config.json", "model-00000003.safetensors", "vocab.json"]
+
+
+def test_remove_leftovers_clears_a_killed_save_and_a_reader_never_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_dir = first_commit(tmp_path / "run", make_model(seed=1), iteration=1)
+    commit_then_crash(
+        monkeypatch, run_dir, weights=checkpoint.weights_state(make_model(seed=2)), iteration=2
+    )
+    (run_dir / "resume-00000003.safetensors.tmp-k1ll3d").write_bytes(b"\0" * 4096)
+    (run_dir / "metrics.jsonl").write_text("{}\n")
+    leftovers = ["model-00000002.safetensors", "resume-00000003.safetensors.tmp-k1ll3d"]
+    checkpoint.load(run_dir)  # what the server does at start-up and at each reload
+    assert all((run_dir / name).exists() for name in leftovers)
+    checkpoint.remove_leftovers(run_dir)
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "config.json",
+        "manifest.json",
+        "metrics.jsonl",
+        "model-00000001.safetensors",
+        "vocab.json",
+    ]
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_a_non_finite_number_is_never_written_to_the_manifest(
+    make_run: MakeRun, value: float
+) -> None:
+    run_dir = make_run()
+    before = (run_dir / checkpoint.MANIFEST_FILE).read_bytes()
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        checkpoint.commit(run_dir, info={"best_valid_perplexity": value})
+    assert (run_dir / checkpoint.MANIFEST_FILE).read_bytes() == before
 
 
 def test_a_commit_keeps_files_it_does_not_manage(make_run: MakeRun) -> None:

@@ -245,6 +245,20 @@ def test_sampled_generation_continues_a_session_with_its_generator() -> None:
     assert first + rest == whole
 
 
+def test_should_stop_ends_generation_with_the_words_drawn_so_far() -> None:
+    model, params = make_model(cell="lstm"), SamplingParams(top_k=8)
+    whole, _ = generate(model, [5], 20, params, make_generator(4), BOS)
+    asked: list[None] = []
+
+    def after_seven_words() -> bool:
+        asked.append(None)
+        return len(asked) > 7
+
+    cut, _ = generate(model, [5], 20, params, make_generator(4), BOS, should_stop=after_seven_words)
+    assert cut == whole[:7]
+    assert len(asked) == 8  # asked before each word, never again once it said stop
+
+
 def test_new_seed_words_in_a_session_equal_generating_from_the_whole_history() -> None:
     model = make_model(cell="gru", layers=2)
     gen = make_generator(0)

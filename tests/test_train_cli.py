@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from model_store import checkpoint
 from training import evaluate
 from training.__main__ import build_parser, main
+from training.config import TrainConfig
 
 FAST = [
     "--embed-dim",
@@ -179,6 +181,65 @@ def test_bad_inputs_give_one_line_and_non_zero_exit(
         assert code != 0, argv
         assert message in _error_line(err), (argv, err)
     assert not (tmp_path / "out").exists()
+
+
+FLOAT_FIELDS = [f.name for f in fields(TrainConfig) if f.type in ("float", "float | None")]
+
+
+@pytest.mark.parametrize("name", FLOAT_FIELDS)
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_non_finite_hyperparameter_is_refused_in_one_line(
+    tiny_corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, value: str
+) -> None:
+    flag = "--" + name.replace("_", "-")
+    out = tmp_path / "out"
+    argv = ["--corpus", str(tiny_corpus), "--out", str(out), "--epochs", "1", *FAST]
+    code, err = run_cli(capsys, *argv, f"{flag}={value}")
+    assert code == 2
+    assert _error_line(err).startswith(f"error: {flag} must be")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--sample-words", "100000000", "--sample-words must be at most 1000"),
+        ("--seed-words", " ".join(["I"] * 1001), "--seed-words must hold at most 1000 words"),
+        ("--seed", str(2**64), "--seed must be in [0, 4294967295]"),
+        ("--seed", "-1", "--seed must be in [0, 4294967295]"),
+    ],
+)
+def test_an_unbounded_preview_or_seed_is_refused_in_one_line(
+    tiny_corpus: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    flag: str,
+    value: str,
+    message: str,
+) -> None:
+    out = tmp_path / "out"
+    argv = ["--corpus", str(tiny_corpus), "--out", str(out), "--epochs", "1", *FAST]
+    code, err = run_cli(capsys, *argv, f"{flag}={value}")
+    assert code == 2
+    assert _error_line(err) == f"error: {message}"
+    assert not out.exists()
+
+
+def test_a_diverging_run_ends_in_one_line_and_saves_no_nan(
+    tiny_corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    argv = ["--corpus", str(tiny_corpus), "--out", str(out), "--epochs", "3", *FAST]
+    code, err = run_cli(capsys, *argv, "--lr", "1e30")  # finite, but the weights overflow
+    assert code == 1
+    line = _error_line(err)
+    assert line.startswith("error: training diverged at iteration ")
+    assert "the training loss is not finite" in line
+    text = (out / checkpoint.MANIFEST_FILE).read_text(encoding="utf-8")
+    assert "NaN" not in text
+    assert "Infinity" not in text
+    with pytest.raises(checkpoint.CheckpointError, match="names no weights yet"):
+        checkpoint.load(out)
 
 
 def test_output_folder_with_other_files_is_left_alone(

@@ -74,6 +74,17 @@ def test_two_processes_equal_one_and_resume(tiny_corpus: Path, tmp_path: Path) -
     assert len(starts) == 1
 
 
+def test_a_diverging_run_stops_every_process_with_one_message(
+    tiny_corpus: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "r"
+    proc = torchrun("--corpus", str(tiny_corpus), "--out", str(out), "--lr", "1e30", *ARGS)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: training diverged at iteration ") == 1, proc.stderr
+    assert "lost its peers" not in proc.stderr  # every rank stopped at the same step
+    assert "NaN" not in (out / checkpoint.MANIFEST_FILE).read_text(encoding="utf-8")
+
+
 def test_rows_must_split_over_the_processes(tiny_corpus: Path, tmp_path: Path) -> None:
     proc = torchrun(
         "--corpus", str(tiny_corpus), "--out", str(tmp_path / "r"), "--batch-size", "3", "--quiet"

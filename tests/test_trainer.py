@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import json
+import math
+import time
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
 
-from model_store import checkpoint
+import training.trainer as trainer_module
+from model_store import checkpoint, sampling
 from model_store.vocab import TokenizerSpec
 from training.config import TrainConfig
 from training.corpus import Corpus, Document
 from training.data import build_dataset
-from training.trainer import Summary, Trainer
+from training.trainer import SilentReporter, Summary, Trainer, TrainingDiverged
 
 CYCLE = "the quick brown fox jumps over the lazy dog .\n" * 120
 
@@ -185,6 +191,119 @@ def test_failed_save_keeps_the_previous_checkpoint(
 
 def _disk_full(path: Path, data: bytes) -> None:
     raise OSError(28, "No space left on device", str(path))
+
+
+def strict_json(text: str) -> Any:
+    """``json.loads`` refusing NaN and infinities, as JSON readers other than Python's do."""
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+class AtIteration(SilentReporter):
+    """A reporter that runs ``action`` once the trainer has taken ``iteration`` steps."""
+
+    def __init__(self, trainer: Trainer, iteration: int, action: Callable[[], None]) -> None:
+        self.trainer, self.iteration, self.action = trainer, iteration, action
+
+    def advance(self, words: int) -> None:
+        if self.trainer.progress.iteration == self.iteration:
+            self.action()
+
+
+@pytest.mark.parametrize(
+    ("valid_fraction", "at_epoch_end", "caught_by"),
+    [
+        (0.1, False, "the training loss"),  # mid-epoch: the next mean loss logged
+        (0.1, True, "the validation loss"),  # the epoch's last step: its validation
+        (0.0, True, "a weight"),  # no validation text: the save itself
+    ],
+)
+def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoint(
+    tmp_path: Path, valid_fraction: float, at_epoch_end: bool, caught_by: str
+) -> None:
+    trainer = make_trainer(tmp_path / "run", epochs=4, valid_fraction=valid_fraction)
+    first = trainer._windows_per_epoch()
+
+    def poison() -> None:  # what an exploding step does to the weights
+        with torch.no_grad():
+            trainer.model.rnn.weight_hh_l0[0, 0] = math.nan
+
+    trainer.reporter = AtIteration(trainer, 2 * first if at_epoch_end else first + 2, poison)
+    with pytest.raises(TrainingDiverged) as caught:
+        trainer.run()
+    message = str(caught.value)
+    assert f": {caught_by} is not finite (NaN or infinity); " in message
+    assert f"the run folder keeps its checkpoint of iteration {first}; " in message
+    run = tmp_path / "run"
+    assert strict_json((run / "manifest.json").read_text())["iterations"] == first
+    assert all(bool(p.isfinite().all()) for p in checkpoint.load(run).model.parameters())
+    assert checkpoint.load_resume(run)[1]["progress"]["iteration"] == first
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        strict_json(line)
+
+
+def count_sampled_words(monkeypatch: pytest.MonkeyPatch, each: Callable[[int], None]) -> list[int]:
+    """Count the words the sampler draws, calling ``each(n)`` before the n-th (from 1)."""
+    drawn: list[int] = []
+    real = sampling.sample
+
+    def sample(*args: Any, **kwargs: Any) -> list[int]:
+        drawn.append(len(drawn) + 1)
+        each(drawn[-1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "sample", sample)
+    return drawn
+
+
+def test_a_stop_asked_for_during_a_preview_cuts_it_short(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trainer = make_trainer(tmp_path / "run", epochs=50, sample_every=1, sample_words=1000)
+
+    def sigterm_at_the_third_word(n: int) -> None:
+        if n == 3:
+            trainer.request_stop("terminated")  # what the SIGTERM handler does
+
+    drawn = count_sampled_words(monkeypatch, sigterm_at_the_third_word)
+    summary = trainer.run()
+    assert (summary.stop_reason, summary.iterations, len(drawn)) == ("terminated", 1, 3)
+
+
+def test_the_time_budget_cuts_a_preview_short(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [0.0]  # the trainer's clock: a second passes with each word sampled, else none
+    monkeypatch.setattr(
+        trainer_module, "time", SimpleNamespace(monotonic=lambda: now[0], time=time.time)
+    )
+    drawn = count_sampled_words(monkeypatch, lambda n: now.__setitem__(0, now[0] + 1.0))
+    trainer = make_trainer(
+        tmp_path / "run", epochs=50, sample_every=1, sample_words=1000, max_minutes=0.1
+    )
+    summary = trainer.run()
+    assert (summary.stop_reason, summary.iterations, len(drawn)) == ("time budget", 1, 6)
+
+
+def test_resume_removes_what_a_killed_save_left(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    make_trainer(run, epochs=1).run()
+    names = sorted(p.name for p in run.iterdir())
+    leftovers = [  # a kill inside a save: half-written temporaries, a file no manifest names
+        "model-00000099.safetensors.tmp-k1ll3d",
+        "resume-00000099.safetensors.tmp-x2y3z4",
+        "resume-00000099.safetensors",
+        "loss.png.tmp-ab12cd",
+    ]
+    for name in leftovers:
+        (run / name).write_bytes(b"\0" * 65_536)
+    checkpoint.load(run)  # the server reading the folder deletes nothing
+    assert all((run / name).exists() for name in leftovers)
+    resume_trainer(run, epochs=2)  # before its first save
+    assert sorted(p.name for p in run.iterdir()) == names
 
 
 def test_preview_goes_through_the_sampler_and_starts_with_the_seed(tmp_path: Path) -> None:

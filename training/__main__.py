@@ -5,7 +5,8 @@
     python -m training --resume runs/lyrics --epochs 80                    # continue a run
 
 Bad input (a missing or undecodable corpus, one too short for a batch, bad hyperparameters,
-an output folder that holds something else) ends with a one-line message and a non-zero exit.
+an output folder that holds something else) and a run that diverges (a NaN loss) end with a
+one-line message and a non-zero exit.
 """
 
 from __future__ import annotations
@@ -25,11 +26,20 @@ from model_store import checkpoint
 from model_store.network import CELLS, SOFTMAXES, ConfigError
 from model_store.vocab import TOKENIZERS, TokenizerSpec, VocabError
 from training import distributed
-from training.config import OPTIMIZERS, PRESET_HELP, PRESETS, TrainConfig, preset
+from training.config import (
+    MAX_SAMPLE_WORDS,
+    MAX_SEED,
+    MAX_SEED_WORDS,
+    OPTIMIZERS,
+    PRESET_HELP,
+    PRESETS,
+    TrainConfig,
+    preset,
+)
 from training.corpus import CorpusError, read_corpus
 from training.data import DataError, build_dataset
 from training.distributed import DistContext, DistributedError
-from training.trainer import Summary, Trainer
+from training.trainer import Summary, Trainer, TrainingDiverged
 
 DEFAULTS = TrainConfig()
 # What may change when a run is resumed; everything else is fixed by the run folder.
@@ -181,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="training time budget; ends cleanly with a checkpoint (default: none)",
     )
-    opt.add_argument("--seed", type=int, help=f"random seed (default: {d.seed})")
+    opt.add_argument("--seed", type=int, help=f"random seed, 0 to {MAX_SEED} (default: {d.seed})")
 
     out = parser.add_argument_group("previews and logs")
     out.add_argument(
@@ -190,9 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"print a sample every N iterations; 0 never (default: {d.sample_every})",
     )
     out.add_argument(
-        "--sample-words", type=int, help=f"words per sample (default: {d.sample_words})"
+        "--sample-words",
+        type=int,
+        help=f"words per sample, at most {MAX_SAMPLE_WORDS} (default: {d.sample_words})",
     )
-    out.add_argument("--seed-words", help=f"sample seed (default: {' '.join(d.seed_words)!r})")
+    out.add_argument(
+        "--seed-words",
+        help=f"sample seed, at most {MAX_SEED_WORDS} words (default: {' '.join(d.seed_words)!r})",
+    )
     out.add_argument("--top-k", type=int, help=f"sample among the k likeliest (default: {d.top_k})")
     out.add_argument(
         "--log-every",
@@ -416,7 +431,15 @@ def main(argv: list[str] | None = None) -> int:
         summary = trainer.run()
     except _FollowerExit:
         return 2
-    except (UsageError, CorpusError, DataError, ConfigError, VocabError, DistributedError) as exc:
+    except (
+        UsageError,
+        CorpusError,
+        DataError,
+        ConfigError,
+        VocabError,
+        DistributedError,
+        TrainingDiverged,  # every rank stops at the same step: one message is enough
+    ) as exc:
         if ctx.is_main:
             print(f"error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError | ConfigError | DistributedError) else 1

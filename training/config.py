@@ -16,6 +16,13 @@ from model_store.network import CELLS, SOFTMAXES, ConfigError, ModelConfig
 from model_store.vocab import TOKENIZERS
 
 OPTIMIZERS: tuple[str, ...] = ("adam", "adamw", "sgd")
+# Bounds on the previews, which run inside the training loop: a preview of millions of words
+# would stall training for minutes. The server's default for seed words is the same.
+MAX_SAMPLE_WORDS = 1000
+MAX_SEED_WORDS = 1000
+# torch seeds generators with 64-bit integers, and a preview's seed is derived from this one
+# (see Trainer.preview), so keep it to 32 bits.
+MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,12 @@ class TrainConfig:
         for name in ("sample_every", "sample_words", "patience", "eval_every", "top_k"):
             if getattr(self, name) < 0:
                 problems.append(f"--{name.replace('_', '-')} must be 0 or more")
+        if self.sample_words > MAX_SAMPLE_WORDS:
+            problems.append(f"--sample-words must be at most {MAX_SAMPLE_WORDS}")
+        if len(self.seed_words) > MAX_SEED_WORDS:
+            problems.append(f"--seed-words must hold at most {MAX_SEED_WORDS} words")
+        if not 0 <= self.seed <= MAX_SEED:
+            problems.append(f"--seed must be in [0, {MAX_SEED}]")
         if self.log_every < 1:
             problems.append("--log-every must be at least 1")
         if self.min_count < 1:
@@ -163,10 +176,22 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+# The open vocabulary: the lstm preset's network and schedule on subword pieces. The
+# vocabulary size was chosen by measurement (bench/quality.py; the README has the figures).
+PRESETS["subword"] = {
+    **PRESETS["lstm"],
+    "tokenizer": "subword",
+    "subword_vocab": 4000,
+    "min_count": 1,
+}
+
 PRESET_HELP = {
     "default": "the lab's hyperparameters with the `words` tokenizer",
     "lab": "the lab exactly: whitespace tokens, tanh RNN 64/64, uniform top-5 previews",
-    "lstm": "LSTM 256, dropout, adaptive softmax: clearly better text in the same time",
+    "lstm": "LSTM 256, dropout, adaptive softmax on words: the best held-out score when a "
+    "prompt's words are all in the training text (rarer words become <unk>)",
+    "subword": "the lstm preset on subword pieces: any text encodes, no word is ever <unk>, "
+    "text round-trips; pick it to serve prompts with new words and names (make serve does)",
 }
 
 

@@ -5,9 +5,11 @@ gradient norm, Adam step (the lab's loop). Around it: a validation perplexity at
 every epoch (and every ``eval_every`` iterations), the best weights kept by validation
 perplexity, optional LR reduction on plateau and early stopping, previews through
 ``model_store.sampling`` (the server's sampler), a JSON-lines metrics log, a loss plot, a
-``max_minutes`` budget, and clean stops on Ctrl-C/SIGTERM. Every checkpoint also stores the
-full training state (weights, optimizer, scheduler, RNG, position, carried hidden state), so
-``Trainer.resume`` continues and ends with the same weights on CPU as an uninterrupted run.
+``max_minutes`` budget, and clean stops on Ctrl-C/SIGTERM (previews included). Every checkpoint
+also stores the full training state (weights, optimizer, scheduler, RNG, position, carried hidden
+state), so ``Trainer.restore`` continues and ends with the same weights on CPU as an uninterrupted
+run. A run whose loss or weights stop being finite ends with ``TrainingDiverged`` and commits
+nothing more: the run folder keeps its last good checkpoint.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,6 +38,11 @@ from training.plots import plot_history
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights are no longer finite (NaN or infinity): nothing more is saved,
+    so the run folder keeps its last good checkpoint; ``str()`` is one line for the CLI."""
 
 
 class Reporter(Protocol):
@@ -93,6 +100,11 @@ class Summary:
     best_valid_ppl: float | None
     best_valid_bpc: float | None
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    """One metrics.jsonl line, strict JSON: a NaN would make the file unreadable to others."""
+    return json.dumps(record, allow_nan=False) + "\n"
 
 
 def perplexity(loss: float) -> float:
@@ -196,6 +208,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []  # validation records
         self.train_losses: list[tuple[int, float]] = []  # (iteration, mean loss), for the plot
         self._stop = _StopFlag()
+        self._deadline = math.inf  # time.monotonic() at which the time budget ends
         self._last_eval_iteration = -1
 
     # ----------------------------------------------------------------------------- set-up
@@ -247,10 +260,16 @@ class Trainer:
                 torch.cuda.set_rng_state(cuda_rng[self.dist.rank].clone(), self.device)
         self._reload_metrics()
         self._last_eval_iteration = self.progress.iteration
+        if self.dist.is_main:  # the run owns its folder again: clear what a killed save left
+            checkpoint.remove_leftovers(self.run_dir)
 
     def request_stop(self, reason: str = "interrupted") -> None:
         """Stop cleanly after the current iteration (what Ctrl-C does)."""
         self._stop.reason = reason
+
+    def _should_stop(self) -> bool:
+        """A stop was asked for or the time budget is spent: what cuts a preview short."""
+        return self._stop.reason is not None or time.monotonic() >= self._deadline
 
     # ----------------------------------------------------------------------------- the loop
 
@@ -272,7 +291,8 @@ class Trainer:
         running = torch.zeros((), device=self.device)
         running_n = 0
         session_start = time.monotonic() - p.seconds
-        with self._stop.installed():
+        self._deadline = session_start + budget
+        with self._stop.installed(), contextlib.closing(self.reporter):
             while p.epoch < cfg.epochs and p.stop_reason is None:
                 hidden = (
                     self.hidden
@@ -295,6 +315,7 @@ class Trainer:
                     self.hidden = hidden
                     if p.iteration % cfg.log_every == 0 or p.window == n_windows:
                         mean = float(running) / running_n
+                        self._check_finite(math.isfinite(mean), "the training loss")
                         running.zero_()
                         running_n = 0
                         self._log_train(mean)
@@ -308,10 +329,10 @@ class Trainer:
                         self._preview()
                     if cfg.eval_every and p.iteration % cfg.eval_every == 0:
                         self._evaluate(scheduled=True)
-                    reason = (
+                    reason = (  # the clock read again: a preview or an evaluation took time
                         p.stop_reason
                         or self._stop.reason
-                        or ("time budget" if p.seconds >= budget else None)
+                        or ("time budget" if time.monotonic() >= self._deadline else None)
                     )
                     if self.dist.any(reason is not None):  # every rank stops at the same step
                         p.stop_reason = reason or "stopped by another process"
@@ -326,7 +347,6 @@ class Trainer:
                 self._evaluate(scheduled=False)
             elif self.dist.is_main:  # record why the run ended
                 checkpoint.commit(self.run_dir, info=self._manifest_info())
-        self.reporter.close()
         return Summary(
             run_dir=self.run_dir,
             stop_reason=p.stop_reason,
@@ -368,6 +388,7 @@ class Trainer:
         """
         p = self.progress
         loss = self.validation_loss()
+        self._check_finite(loss is None or math.isfinite(loss), "the validation loss")
         ppl = perplexity(loss) if loss is not None else None
         bpc = self.dataset.bits_per_char(loss) if loss is not None else None
         improved = ppl is None or p.best_valid_ppl is None or ppl < p.best_valid_ppl
@@ -415,8 +436,14 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- previews
 
-    def preview(self, seed_text: str | None = None, words: int | None = None) -> str:
-        """A sample from the seed words, through the server's sampler, as the lab prints it."""
+    def preview(
+        self,
+        seed_text: str | None = None,
+        words: int | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> str:
+        """A sample from the seed words, through the server's sampler, as the lab prints it;
+        cut short once ``should_stop`` says so (see ``sampling.generate``)."""
         cfg = self.config
         vocab = self.vocab
         seed_words = vocab.split_words(seed_text or " ".join(cfg.seed_words))
@@ -434,13 +461,14 @@ class Trainer:
             vocab.bos_id,
             banned_ids=vocab.special_ids,
             first_banned_ids=[i for i, opens in enumerate(vocab.starts_word()) if not opens],
+            should_stop=should_stop,
         )
         self.model.train(was_training)
         seed_tokens = vocab.decode(seed_ids) if vocab.is_subword else seed_words
         return vocab.detokenize([*seed_tokens, *vocab.decode(ids)])
 
     def _preview(self) -> None:
-        text = self.preview()
+        text = self.preview(should_stop=self._should_stop)
         self._log({"event": "sample", "iteration": self.progress.iteration, "text": text})
         self.reporter.message(text)
 
@@ -485,7 +513,23 @@ class Trainer:
             "stop_reason": p.stop_reason,
         }
 
+    def _check_finite(self, finite: bool, what: str) -> None:
+        """Raise TrainingDiverged unless ``what`` is finite on every rank (a collective: every
+        rank checks at the same step, so every rank stops there)."""
+        if self.dist.any(not finite):
+            kept = (
+                f"the run folder keeps its checkpoint of iteration {self._last_eval_iteration}"
+                if self._last_eval_iteration >= 0
+                else "no checkpoint was saved"
+            )
+            raise TrainingDiverged(
+                f"training diverged at iteration {self.progress.iteration}: {what} is not "
+                f"finite (NaN or infinity); {kept}; try a lower --lr or --clip"
+            )
+
     def _commit(self, weights: bool) -> None:
+        finite = torch.stack([p.isfinite().all() for p in self.model.parameters()]).all()
+        self._check_finite(bool(finite), "a weight")  # never save a poisoned model
         resume = self._resume_state()  # a collective: every rank takes part
         if not self.dist.is_main:
             return
@@ -518,7 +562,7 @@ class Trainer:
             return
         record = {"time": round(time.time(), 3), **record}
         with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(_json_line(record))
 
     def _reload_metrics(self) -> None:
         """On resume: trim the metrics log to the restored position (a killed run may have
@@ -532,6 +576,6 @@ class Trainer:
                 if record.get("iteration", 0) <= self.progress.iteration:
                     kept.append(record)
         if self.dist.is_main:
-            checkpoint.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+            checkpoint.atomic_write_text(path, "".join(_json_line(r) for r in kept))
         self.history = [r for r in kept if r.get("event") == "valid"]
         self.train_losses = [(r["iteration"], r["loss"]) for r in kept if r.get("event") == "train"]
