@@ -1,4 +1,4 @@
-"""OpenAI-compatible completions: OpenAI's request, response and error shapes, on `TextService`.
+"""OpenAI-compatible completions: OpenAI's request and response shapes, on `TextService`.
 
 ``POST /v1/completions`` is translated into one `GenerateRequest` per prompt and run by the
 same service (and engine) as ``POST /generate``; the answers are translated back into
@@ -8,9 +8,10 @@ OpenAI's shapes, so clients built on the ``openai`` SDK work unchanged. Names ma
 and ``top_k`` is an extra field (0, the default, samples from the whole vocabulary as OpenAI
 does). A token here is a word of the model's vocabulary.
 
-Errors on these routes use OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``;
-a request the service refuses (a 422 on ``/generate``) is a 400 here, as OpenAI answers it,
-and an unknown ``model`` is a 404 with code ``model_not_found``.
+Errors on these routes use OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``
+(``app/errors.py`` builds it, for every path under ``/v1/``); a request the service refuses
+(a 422 on ``/generate``) is a 400 here, as OpenAI answers it, and an unknown ``model`` is a
+404 with code ``model_not_found``.
 
 ``GET /v1/models`` lists every served model (the default first) with its card: OpenAI's
 ``id``, ``created`` and ``owned_by``, then the model's name, the version (weights id) and
@@ -23,7 +24,7 @@ import asyncio
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -31,8 +32,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import anyio
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator
 
-from app.errors import ApiError
-from app.models import UnknownModel
+from app.errors import ApiError, OpenAIError, from_api_error
 from app.schemas import (
     MAX_RANDOM_SEED,
     GenerateRequest,
@@ -45,70 +45,6 @@ from app.serving import TextService
 
 if TYPE_CHECKING:
     from app.models import ModelRegistry
-
-# The service's field names, as the OpenAI request calls them.
-OPENAI_NAMES = {"seed_words": "prompt", "max_words": "max_tokens", "random_seed": "seed"}
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    409: "conflict_error",
-    413: "invalid_request_error",
-    429: "rate_limit_error",
-}
-
-
-class OpenAIError(Exception):
-    """A refused request, answered with OpenAI's error body."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.headers = dict(headers or {})
-
-    def body(self) -> dict[str, Any]:
-        kind = ERROR_TYPES.get(self.status, "server_error" if self.status >= 500 else "")
-        return {
-            "error": {
-                "message": self.message,
-                "type": kind or "invalid_request_error",
-                "param": self.param,
-                "code": self.code,
-            }
-        }
-
-
-def openai_name(field: str, prompt_index: int | None = None) -> str:
-    """The OpenAI name of a service field (``seed_words`` of the 2nd prompt: ``prompt[1]``)."""
-    head, dot, rest = field.partition(".")
-    name = OPENAI_NAMES.get(head, head)
-    if name == "prompt" and prompt_index is not None:
-        name = f"prompt[{prompt_index}]"
-    return name + dot + rest
-
-
-def from_api_error(exc: ApiError, prompt_index: int | None = None) -> OpenAIError:
-    """The service's error, with OpenAI's field names and status (422 becomes 400)."""
-    if isinstance(exc, UnknownModel):
-        return OpenAIError(404, exc.detail, param="model", code="model_not_found")
-    status = 400 if exc.status == 422 else exc.status
-    if not exc.errors:
-        return OpenAIError(status, exc.detail, headers=exc.headers)
-    named = [(openai_name(f, prompt_index), m) for f, m in exc.errors]
-    message = "; ".join(f"{f}: {m}" for f, m in named)
-    return OpenAIError(status, message, param=named[0][0], headers=exc.headers)
-
 
 # -- request and response bodies --------------------------------------------------------------
 
@@ -433,7 +369,7 @@ class Completions:
                     # (it is stopping, or failed), so the error is a server error.
                     detail = data.get("detail") if isinstance(data, dict) else None
                     error = OpenAIError(500, str(detail or "the generation failed"))
-                    yield {"data": json.dumps(error.body())}
+                    yield {"data": json.dumps(error.openai_body())}
                     yield {"data": "[DONE]"}
                     return
         if include_usage:

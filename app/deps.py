@@ -4,23 +4,19 @@ The dependencies are ``async`` although they never wait: FastAPI runs a plain ``
 dependency on its thread pool, and a hop there for every request (refusals included) costs
 more than the work itself and queues under load.
 
-A caller is known by the fingerprint of its key (`key_fingerprint`), never the key itself:
+A caller is known by the fingerprint of its key (see ``app/keys.py``), never the key itself:
 sessions record it as their owner, and the rate limiter (``app/ratelimit.py``) counts by it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import secrets
-from collections.abc import Mapping, Sequence
 from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from fastapi.security.utils import get_authorization_scheme_param
-from pydantic import SecretStr
 
 from app.errors import ApiError
+from app.keys import key_owner, presented_key
 from app.models import ModelAccess, ModelRegistry
 from app.serving import TextService
 from app.settings import Settings
@@ -32,29 +28,6 @@ _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
 async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
-
-
-def key_fingerprint(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-def presented_key(headers: Mapping[str, str]) -> str | None:
-    """The key a request carries, read as `require_api_key` reads it: ``X-API-Key``, else an
-    ``Authorization: Bearer`` token."""
-    if key := headers.get("x-api-key"):
-        return key
-    scheme, token = get_authorization_scheme_param(headers.get("authorization"))
-    return token if scheme.lower() == "bearer" and token else None
-
-
-def key_owner(keys: Sequence[SecretStr], presented: str | None) -> str | None:
-    """The fingerprint of ``presented`` when it is one of ``keys``; else None."""
-    if presented is None:
-        return None
-    given = presented.encode()
-    # Compare with every key, in constant time, so timing tells nothing about them.
-    matches = [secrets.compare_digest(given, key.get_secret_value().encode()) for key in keys]
-    return key_fingerprint(presented) if any(matches) else None
 
 
 async def get_caller(request: Request) -> str | None:

@@ -1,9 +1,14 @@
-"""Errors and their JSON shape: every 4xx/5xx body is ``{"detail": ..., "errors": [...]}``.
+"""Errors and their JSON shape, chosen by path in one place: `error_response`.
 
-``detail`` is one readable sentence; ``errors`` lists ``{"field": ..., "message": ...}`` for each
-field at fault (``body`` for the body as a whole), so a client can point at the input to fix.
-FastAPI's validation errors, HTTP errors and unexpected exceptions are all mapped to that shape;
-no response ever carries a traceback.
+Off ``/v1/``, every 4xx/5xx body is ``{"detail": ..., "errors": [...]}``: ``detail`` is one
+readable sentence; ``errors`` lists ``{"field": ..., "message": ...}`` for each field at fault
+(``body`` for the body as a whole), so a client can point at the input to fix. Under ``/v1/``,
+the OpenAI-compatible API, the same errors have OpenAI's body, ``{"error": {"message", "type",
+"param", "code"}}``, with OpenAI's field names and 400 for a 422, as OpenAI's clients expect.
+FastAPI's validation errors, HTTP errors, unexpected exceptions and the middleware's refusals
+all go through `error_response`; no response ever carries a traceback.
+
+This module imports no model code (nor torch), so that the plain ASGI middleware can use it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,21 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
 log = logging.getLogger("app")
+
+OPENAI_PREFIX = "/v1/"
+# The service's field names, as the OpenAI request calls them.
+OPENAI_NAMES = {"seed_words": "prompt", "max_words": "max_tokens", "random_seed": "seed"}
+# Fields that stand for the request as a whole: OpenAI's ``param`` is null for them.
+WHOLE_REQUEST = frozenset({"body", "headers"})
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
 
 
 class StartupError(Exception):
@@ -51,8 +71,94 @@ class ApiError(Exception):
         return error_body(self.detail, self.errors)
 
 
+class UnknownModel(ApiError):
+    """A ``model`` that no served model answers to (404); the message lists the names."""
+
+    def __init__(self, model: str, names: Sequence[str]) -> None:
+        listed = ", ".join(repr(name) for name in names)
+        super().__init__(
+            404,
+            f"no model {model!r} is served here; the models are {listed} (GET /v1/models)",
+            [("model", f"unknown; one of {listed}")],
+        )
+
+
+class OpenAIError(ApiError):
+    """A refusal already in OpenAI's terms: the parameter at fault and OpenAI's error code.
+
+    Raised where the OpenAI routes refuse a request themselves; off ``/v1/`` (a rate limit)
+    it is answered as any `ApiError`, its message as ``detail``.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(status, message, headers=headers)
+        self.param = param
+        self.code = code
+
+    def openai_body(self) -> dict[str, Any]:
+        kind = ERROR_TYPES.get(self.status, "server_error" if self.status >= 500 else "")
+        return {
+            "error": {
+                "message": self.detail,
+                "type": kind or "invalid_request_error",
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
 def error_body(detail: str, errors: Iterable[tuple[str, str]] = ()) -> dict[str, Any]:
     return {"detail": detail, "errors": [{"field": f, "message": m} for f, m in errors]}
+
+
+def openai_name(field: str, prompt_index: int | None = None) -> str:
+    """The OpenAI name of a service field (``seed_words`` of the 2nd prompt: ``prompt[1]``)."""
+    head, dot, rest = field.partition(".")
+    name = OPENAI_NAMES.get(head, head)
+    if name == "prompt" and prompt_index is not None:
+        name = f"prompt[{prompt_index}]"
+    return name + dot + rest
+
+
+def from_api_error(exc: ApiError, prompt_index: int | None = None) -> OpenAIError:
+    """The service's error, with OpenAI's field names and status (422 becomes 400); an
+    `OpenAIError` is in OpenAI's terms already."""
+    if isinstance(exc, OpenAIError):
+        return exc
+    if isinstance(exc, UnknownModel):
+        return OpenAIError(404, exc.detail, param="model", code="model_not_found")
+    status = 400 if exc.status == 422 else exc.status
+    if not exc.errors:
+        return OpenAIError(status, exc.detail, headers=exc.headers)
+    named = [(openai_name(f, prompt_index), m) for f, m in exc.errors]
+    message = "; ".join(f"{f}: {m}" for f, m in named)
+    param = named[0][0] if named[0][0] not in WHOLE_REQUEST else None
+    return OpenAIError(status, message, param=param, headers=exc.headers)
+
+
+def error_response(path: str, error: ApiError) -> JSONResponse:
+    """The answer to ``error`` on ``path`` (the app's path, without the proxy's root path).
+
+    The one place that picks the body: OpenAI's under ``/v1/`` (where OpenAI's SDKs parse
+    it), the service's own elsewhere, whichever layer refused the request.
+    """
+    if path.startswith(OPENAI_PREFIX):
+        openai = from_api_error(error)
+        return JSONResponse(openai.openai_body(), openai.status, headers=openai.headers)
+    return JSONResponse(error.body(), error.status, headers=error.headers)
+
+
+def _answer(request: Request, error: ApiError) -> JSONResponse:
+    from app.middleware import app_path  # app.middleware imports this module
+
+    return error_response(app_path(request.scope), error)
 
 
 def _field_name(loc: Sequence[Any]) -> str:
@@ -103,12 +209,12 @@ def _summary(errors: Sequence[tuple[str, str]]) -> str:
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     status, errors = _convert(request, exc)
-    return JSONResponse(error_body(_summary(errors), errors), status_code=status)
+    return _answer(request, ApiError(status, _summary(errors), errors))
 
 
 async def _api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+    return _answer(request, exc)
 
 
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
@@ -133,7 +239,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     headers = dict(exc.headers or {})
     if exc.status_code == 405:
         headers["Allow"] = ", ".join(_allowed_methods(request))
-    return JSONResponse(error_body(str(exc.detail)), status_code=exc.status_code, headers=headers)
+    return _answer(request, ApiError(exc.status_code, str(exc.detail), headers=headers))
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
@@ -142,7 +248,7 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception(
         "unexpected error in %s %s", log_safe(request.method), loggable_path(request.url.path)
     )
-    return JSONResponse(error_body("internal error; the server log has the details"), 500)
+    return _answer(request, ApiError(500, "internal error; the server log has the details"))
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -31,7 +31,8 @@ from typing import Any, Literal
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.logging import DefaultFormatter
 
-from app.errors import error_body
+from app.errors import ApiError, error_response
+from app.middleware import app_path
 
 LogFormat = Literal["text", "json"]
 
@@ -213,15 +214,8 @@ class RequestLogMiddleware:
                 extra={"request_id": request_id},
             )
             if status is None:
-                payload = json.dumps(error_body("internal error; the server log has the details"))
-                await send_with_id(
-                    {
-                        "type": "http.response.start",
-                        "status": 500,
-                        "headers": [(b"content-type", b"application/json")],
-                    }
-                )
-                await send_with_id({"type": "http.response.body", "body": payload.encode()})
+                error = ApiError(500, "internal error; the server log has the details")
+                await error_response(app_path(scope), error)(scope, receive, send_with_id)
         finally:
             self._access(scope, request_id, status, started, sent)
             _request_id.reset(token)

@@ -3,30 +3,21 @@ full, the proxy sub-path, one-line start-up failures."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.completions import from_api_error
-from app.errors import ApiError, StartupError, error_body
+from app.errors import ApiError, StartupError, error_response
 
 
-async def _send_json(send: Send, status: int, body: dict[str, object]) -> None:
-    payload = json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(payload)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": payload})
+async def _refuse_and_close(
+    scope: Scope, receive: Receive, send: Send, status: int, field: str, message: str
+) -> None:
+    """Refuse with ``message`` about ``field``, closing the connection: the request was not
+    read to its end, so nothing else on the connection could be read after it."""
+    response = error_response(app_path(scope), ApiError(status, message, [(field, message)]))
+    response.headers["Connection"] = "close"
+    await response(scope, receive, send)
 
 
 def app_path(scope: Scope) -> str:
@@ -60,12 +51,7 @@ class AdmissionMiddleware:
             and self._refused()
         ):
             error = ApiError(503, "the model is busy; retry shortly", headers={"Retry-After": "1"})
-            if app_path(scope).startswith("/v1/"):
-                openai = from_api_error(error)
-                response = JSONResponse(openai.body(), openai.status, headers=openai.headers)
-            else:
-                response = JSONResponse(error.body(), error.status, headers=error.headers)
-            await response(scope, receive, send)
+            await error_response(app_path(scope), error)(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -92,7 +78,7 @@ class HeaderLimitMiddleware:
             size = sum(len(name) + len(value) + 4 for name, value in scope["headers"])
             if size > self.max_bytes:
                 message = f"the request's headers are larger than {self.max_bytes} bytes"
-                await _send_json(send, 431, error_body(message, [("headers", message)]))
+                await _refuse_and_close(scope, receive, send, 431, "headers", message)
                 return
         await self.app(scope, receive, send)
 
@@ -117,10 +103,11 @@ class BodyLimitMiddleware:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None:
             if not declared.strip().isdigit():
-                await self._refuse(send, 400, "Content-Length is not a number")
+                message = "Content-Length is not a number"
+                await _refuse_and_close(scope, receive, send, 400, "body", message)
                 return
             if int(declared) > self.max_bytes:
-                await self._too_large(send)
+                await self._too_large(scope, receive, send)
                 return
         chunks: list[bytes] = []
         size = 0
@@ -131,7 +118,7 @@ class BodyLimitMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                await self._too_large(send)
+                await self._too_large(scope, receive, send)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -148,12 +135,9 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, send: Send) -> None:
-        await self._refuse(send, 413, f"the request body is larger than {self.max_bytes} bytes")
-
-    @staticmethod
-    async def _refuse(send: Send, status: int, message: str) -> None:
-        await _send_json(send, status, error_body(message, [("body", message)]))
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = f"the request body is larger than {self.max_bytes} bytes"
+        await _refuse_and_close(scope, receive, send, 413, "body", message)
 
 
 class RootPathMiddleware:

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from app.engine import Engine
-from app.errors import ApiError, StartupError
+from app.errors import StartupError, UnknownModel
 from app.serving import TextService
 from app.sessions import SessionStore
 from app.settings import Settings
@@ -67,18 +67,6 @@ _MODEL_ID = re.compile(r"(?P<name>.+)-[0-9a-f]{12}")
 
 # Opens the session store of the model ``name``; ``default`` says whether it is the default.
 OpenSessions = Callable[[str, bool], Awaitable[SessionStore]]
-
-
-class UnknownModel(ApiError):
-    """A ``model`` that no served model answers to (404); the message lists the names."""
-
-    def __init__(self, model: str, names: Sequence[str]) -> None:
-        listed = ", ".join(repr(name) for name in names)
-        super().__init__(
-            404,
-            f"no model {model!r} is served here; the models are {listed} (GET /v1/models)",
-            [("model", f"unknown; one of {listed}")],
-        )
 
 
 # -- finding the models -------------------------------------------------------------------------

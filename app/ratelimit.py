@@ -27,12 +27,10 @@ from limits.aio.storage import MemoryStorage, RedisStorage, Storage
 from limits.aio.strategies import FixedWindowRateLimiter
 from limits.errors import StorageError
 from starlette.datastructures import Headers
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.completions import OpenAIError
-from app.deps import key_owner, presented_key
-from app.errors import error_body
+from app.errors import OpenAIError, error_response
+from app.keys import key_owner, presented_key
 from app.middleware import app_path
 from app.settings import Settings
 
@@ -77,13 +75,9 @@ class RateLimitMiddleware:
             return
         item, retry_after = refused
         message = f"too many requests: the limit is {item} for each {who}; retry in {retry_after} s"
-        body = (
-            OpenAIError(429, message, code="rate_limit_exceeded").body()
-            if path.startswith("/v1/")
-            else error_body(message)
-        )
-        response = JSONResponse(body, 429, headers={"Retry-After": str(retry_after)})
-        await response(scope, receive, send)
+        headers = {"Retry-After": str(retry_after)}
+        error = OpenAIError(429, message, code="rate_limit_exceeded", headers=headers)
+        await error_response(path, error)(scope, receive, send)
 
     def _caller(self, scope: Scope) -> tuple[str, str]:
         """Whom the request is counted against (a storage key) and, in words, what that is."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,8 @@ from app.main import create_app
 from tests.app_helpers import http_scope, settings_for
 
 MAX_BODY = 4096
+ROOT = Path(__file__).resolve().parent.parent
+BIG_HEADERS = {f"x-filler-{i}": "y" * 1000 for i in range(20)}  # 20 kB: over 16 kB
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +42,18 @@ def assert_error(response: Any, status: int, field: str) -> dict[str, Any]:
     assert body["detail"]
     assert "Traceback" not in response.text
     return body  # type: ignore[no-any-return]
+
+
+def assert_openai_error(response: Any, status: int, kind: str) -> dict[str, Any]:
+    """``response`` is OpenAI's error body (``kind`` its type) with ``status``; the error."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == kind
+    assert error["message"]
+    return error  # type: ignore[no-any-return]
 
 
 @pytest.mark.parametrize(
@@ -124,6 +140,7 @@ def test_a_declared_oversized_body_is_refused_unread(client: TestClient) -> None
     response = client.post("/generate", content=body, headers={"content-type": "application/json"})
     error = assert_error(response, 413, "body")
     assert f"larger than {MAX_BODY} bytes" in error["detail"]
+    assert response.headers["connection"] == "close"  # the body was left unread
 
 
 def test_a_chunked_oversized_body_is_refused_while_reading(tiny_run: Path) -> None:
@@ -158,6 +175,44 @@ def test_oversized_headers_are_refused_before_anything_reads_them(
         200,
         405,
     )
+
+
+def test_size_refusals_on_the_openai_api_have_openais_body(client: TestClient) -> None:
+    body = json.dumps({"prompt": "x" * MAX_BODY}).encode()
+    too_large = client.post(
+        "/v1/completions", content=body, headers={"content-type": "application/json"}
+    )
+    error = assert_openai_error(too_large, 413, "invalid_request_error")
+    assert f"larger than {MAX_BODY} bytes" in error["message"]
+    assert error["param"] is None
+    assert too_large.headers["connection"] == "close"
+    too_many = client.post("/v1/completions", json={"prompt": "I"}, headers=BIG_HEADERS)
+    error = assert_openai_error(too_many, 431, "invalid_request_error")
+    assert "larger than 16384 bytes" in error["message"]
+    assert error["param"] is None
+
+
+def test_under_a_root_path_the_openai_api_still_has_openais_body(tiny_run: Path) -> None:
+    app = create_app(settings_for(tiny_run, max_body_bytes=MAX_BODY, root_path="/textgen"))
+    client = TestClient(app)  # no lifespan: the body limit answers before any model is needed
+    body = json.dumps({"prompt": "x" * MAX_BODY}).encode()
+    for path in ("/textgen/v1/completions", "/v1/completions"):  # prefix kept, or stripped
+        response = client.post(path, content=body, headers={"content-type": "application/json"})
+        assert_openai_error(response, 413, "invalid_request_error")
+    response = client.post("/textgen/generate", content=body)
+    assert_error(response, 413, "body")
+
+
+def test_the_middleware_imports_no_model_code() -> None:
+    """The middleware answers before any route: it must not load the engine (and torch)."""
+    code = (
+        "import sys, app.errors, app.keys, app.middleware, app.ratelimit; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
 
 
 def test_a_body_just_under_the_limit_is_read(client: TestClient) -> None:
@@ -244,6 +299,11 @@ def test_unknown_paths_and_methods_answer_in_the_same_shape(client: TestClient) 
     wrong = client.get("/generate")
     assert wrong.status_code == 405
     assert wrong.json()["errors"] == []
+    missing = client.get("/v1/nope")
+    assert assert_openai_error(missing, 404, "not_found_error")["message"] == "Not Found"
+    wrong = client.get("/v1/completions")
+    assert_openai_error(wrong, 405, "invalid_request_error")
+    assert wrong.headers["allow"] == "POST"
 
 
 # Every code point, lone surrogates too (JSON's "\ud800" escape sends one).

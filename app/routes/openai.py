@@ -1,22 +1,18 @@
 """``/v1/completions`` and ``/v1/models``: the OpenAI-compatible API (see ``app/completions.py``).
 
-Every error on these routes, including a bad body, a missing API key or a model still
-loading, is answered with OpenAI's error body by `OpenAIRoute`.
+Every error under ``/v1/``, including a bad body, a missing API key, a model still loading or
+a refusal by the middleware, is answered with OpenAI's error body: ``app.errors`` picks the
+body by path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Body, Path, Request, Response
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, Body, Path, Request
 from fastapi.openapi.models import Example
-from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from sse_starlette import EventSourceResponse
-from starlette.exceptions import HTTPException
 
 from app.completions import (
     Completion,
@@ -24,50 +20,16 @@ from app.completions import (
     Completions,
     Model,
     ModelList,
-    OpenAIError,
     OpenAIErrorResponse,
-    from_api_error,
     model_card,
 )
 from app.deps import ModelsDep
-from app.errors import ApiError
-from app.errors import _convert as validation_errors
 from app.routes.generate import SHUTDOWN_GRACE_SECONDS, SSE_HEADERS, cancelled_on_disconnect
 from app.routes.responses import RETRY_AFTER, component, json_data
 from app.schemas import MODEL_NAME_MAX_CHARS
 from app.serving import TextService
 
-
-def _error_response(error: OpenAIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
-
-
-class OpenAIRoute(APIRoute):
-    """A route whose refusals, from validation to authentication, use OpenAI's error body."""
-
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
-        handler = super().get_route_handler()
-
-        async def openai_handler(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except OpenAIError as exc:
-                return _error_response(exc)
-            except ApiError as exc:
-                return _error_response(from_api_error(exc))
-            except RequestValidationError as exc:
-                status, errors = validation_errors(request, exc)
-                message = "; ".join(f"{f}: {m}" for f, m in errors) or "invalid request"
-                param = errors[0][0] if errors and errors[0][0] != "body" else None
-                error = OpenAIError(400 if status == 422 else status, message, param)
-                return _error_response(error)
-            except HTTPException as exc:
-                return _error_response(OpenAIError(exc.status_code, str(exc.detail)))
-
-        return openai_handler
-
-
-router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
+router = APIRouter(prefix="/v1", tags=["openai"])
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": OpenAIErrorResponse, "description": "The body is invalid: `param` names it."},
