@@ -238,6 +238,13 @@ def detach_hidden(hidden: Hidden) -> Hidden:
     return hidden.detach()
 
 
+def hidden_to(hidden: Hidden, device: torch.device) -> Hidden:
+    """``hidden`` on ``device``: a session's state is kept on the CPU between requests."""
+    if isinstance(hidden, tuple):
+        return (hidden[0].to(device), hidden[1].to(device))
+    return hidden.to(device)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -10,6 +10,9 @@ Here the same is done on a batch of independent rows:
         ids = sample(logits, params, generators) # each row: its own top-k/top-p/temperature/RNG
         hidden = advance(model, hidden, ids)     # feed the chosen words back
 
+Where a generation starts is said once, by `start_state` (`start_states` for many requests in
+one forward pass): a new text from ``<bos>`` and its seed, a session from its state.
+
 A generation state is the hidden state alone (the last word is already folded into it), so a
 session that continues later needs nothing else. Every row draws exactly one uniform number per
 step from its own ``torch.Generator``, so a row's words depend only on its seed and parameters,
@@ -26,7 +29,14 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pack_sequence
 
-from model_store.network import Hidden, WordRNN, top_features
+from model_store.network import (
+    Hidden,
+    WordRNN,
+    hidden_cat,
+    hidden_select,
+    hidden_to,
+    top_features,
+)
 
 
 @dataclass(frozen=True)
@@ -72,10 +82,60 @@ def feed(model: WordRNN, seqs: Sequence[Sequence[int]], hidden: Hidden | None = 
     return hidden  # type: ignore[no-any-return]
 
 
-def prime(model: WordRNN, seeds: Sequence[Sequence[int]], bos_id: int) -> Hidden:
-    """The state of a new text after each row's seed ids: ``<bos>`` and the seed, fed from a
-    zero state in one forward pass, as every document began in training."""
-    return feed(model, [[bos_id, *seed] for seed in seeds])
+def prime(
+    model: WordRNN,
+    seeds: Sequence[Sequence[int]],
+    bos_id: int,
+    hiddens: Sequence[Hidden | None] | None = None,
+) -> Hidden:
+    """The state after each row's seed ids, all rows fed in one forward pass.
+
+    A row without a state (every row when ``hiddens`` is None) starts a new text: ``<bos>``
+    and its seed, fed from a zero state, as every document began in training. A row with one
+    (a session's, on any device) has its seed, at least one id, fed on top of it.
+    """
+    rows = hiddens if hiddens is not None else [None] * len(seeds)
+    seqs = [[bos_id, *seed] if h is None else seed for seed, h in zip(seeds, rows, strict=True)]
+    start: Hidden | None = None  # new texts only: the zero state, exactly as feed() makes it
+    if any(h is not None for h in rows):
+        device = model.embedding.weight.device
+        start = hidden_cat(
+            [model.init_hidden(1) if h is None else hidden_to(h, device) for h in rows]
+        )
+    return feed(model, seqs, start)
+
+
+def start_states(
+    model: WordRNN,
+    seeds: Sequence[Sequence[int]],
+    bos_id: int,
+    hiddens: Sequence[Hidden | None],
+) -> list[Hidden]:
+    """Each row's state after its seed ids, (layers, 1, H) each, from one forward pass.
+
+    The rows that have ids to feed are fed together by `prime` (a new text from ``<bos>``, a
+    session on its state), so that a server starts many requests for the cost of one; a
+    session without seed ids starts from its state as it is (moved to the model's device).
+    """
+    device = model.embedding.weight.device
+    out: list[Hidden | None] = [
+        hidden_to(hidden, device) if hidden is not None and not seed else None
+        for seed, hidden in zip(seeds, hiddens, strict=True)
+    ]
+    fed = [row for row, state in enumerate(out) if state is None]
+    if fed:
+        hidden = prime(model, [seeds[r] for r in fed], bos_id, [hiddens[r] for r in fed])
+        for pos, row in enumerate(fed):
+            out[row] = hidden_select(hidden, [pos]) if len(fed) > 1 else hidden
+    return [state for state in out if state is not None]
+
+
+def start_state(
+    model: WordRNN, seed_ids: Sequence[int], bos_id: int, hidden: Hidden | None = None
+) -> Hidden:
+    """The state after ``seed_ids``, (layers, 1, H): from the start of a text when ``hidden``
+    is None, else fed on top of ``hidden`` (a session's state, on any device)."""
+    return start_states(model, [seed_ids], bos_id, [hidden])[0]
 
 
 def next_logits(model: WordRNN, hidden: Hidden) -> Tensor:
@@ -192,10 +252,7 @@ def generate(
     says yes, the words so far are returned (a training preview must not outlive a Ctrl-C, a
     SIGTERM or the time budget). It draws nothing, so the words are those of a shorter run.
     """
-    if hidden is None:
-        hidden = prime(model, [seed_ids], bos_id)
-    elif seed_ids:
-        hidden = feed(model, [seed_ids], hidden)
+    hidden = start_state(model, seed_ids, bos_id, hidden)
     out: list[int] = []
     for step in range(n_words):
         if should_stop is not None and should_stop():

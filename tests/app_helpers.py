@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from app import engine as engine_module
+from app.engine import batch as batch_module
 from app.settings import Settings
 from model_store import checkpoint
 from model_store.network import Hidden, top_features
@@ -124,7 +124,7 @@ class Gate:
         self._monkeypatch = monkeypatch
         self.entered = threading.Event()
         self.opened = threading.Event()
-        real = engine_module.next_logits
+        real = batch_module.next_logits
 
         def gated(model: Any, hidden: Hidden) -> Any:
             self.entered.set()
@@ -137,7 +137,7 @@ class Gate:
             self.install()
 
     def install(self) -> None:
-        self._monkeypatch.setattr(engine_module, "next_logits", self._gated)
+        self._monkeypatch.setattr(batch_module, "next_logits", self._gated)
 
     async def wait_entered(self) -> None:
         assert await asyncio.to_thread(self.entered.wait, 30), "no step started"

@@ -29,11 +29,11 @@ def serve_held() -> None:
     """``python -m app``, but each model step waits while the file ``$WORDRNN_TEST_HOLD_FILE``
     exists, touching ``<that file>.entered`` to say that a step is waiting."""
     from app import __main__ as cli
-    from app import engine
+    from app.engine import batch
 
     hold = Path(os.environ[HOLD])
     entered = hold.with_suffix(".entered")
-    step = engine.next_logits
+    step = batch.next_logits
 
     def held(model: Any, hidden: Any) -> Any:
         while hold.exists():
@@ -41,7 +41,7 @@ def serve_held() -> None:
             time.sleep(0.005)  # the held model's own pace, inside the server
         return step(model, hidden)
 
-    engine.next_logits = held
+    batch.next_logits = held
     sys.exit(cli.main(sys.argv[1:]))
 
 

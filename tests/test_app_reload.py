@@ -20,8 +20,8 @@ from asgi_lifespan import LifespanManager
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from app import engine as engine_module
 from app.engine import Engine, EngineClosed
+from app.engine import batch as batch_module
 from app.main import create_app
 from app.models import Change, ModelRegistry
 from app.sessions import MemorySessionStore, Session
@@ -77,7 +77,7 @@ class ModelGate:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, model: WordRNN) -> None:
         self.entered = threading.Event()
         self.opened = threading.Event()
-        real = engine_module.next_logits
+        real = batch_module.next_logits
 
         def gated(stepped: WordRNN, hidden: Hidden) -> Any:
             if stepped is model:
@@ -86,7 +86,7 @@ class ModelGate:
                     raise RuntimeError("the test never opened the gate")
             return real(stepped, hidden)
 
-        monkeypatch.setattr(engine_module, "next_logits", gated)
+        monkeypatch.setattr(batch_module, "next_logits", gated)
 
 
 async def closed(engine: Engine) -> bool:

@@ -12,7 +12,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 from fastapi.testclient import TestClient
 
-from app import engine as engine_module
+from app.engine import batch as batch_module
 from app.main import create_app
 from app.serving import TextService
 from model_store.network import Hidden
@@ -92,7 +92,7 @@ def test_a_stream_request_that_fails_validation_gets_a_plain_422(client: TestCli
 def test_a_failure_after_the_stream_started_is_an_error_event(
     client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_advance = engine_module.advance
+    real_advance = batch_module.advance
     calls = 0
 
     def advance_then_fail(model: Any, hidden: Hidden, ids: Any) -> Hidden:
@@ -102,7 +102,7 @@ def test_a_failure_after_the_stream_started_is_an_error_event(
             raise RuntimeError("the device fell over")
         return real_advance(model, hidden, ids)
 
-    monkeypatch.setattr(engine_module, "advance", advance_then_fail)
+    monkeypatch.setattr(batch_module, "advance", advance_then_fail)
     events = stream(client, seed_words="I can", max_words=10)
     assert [name for name, _ in events] == ["word", "word", "word", "error"]
     error = events[-1][1]

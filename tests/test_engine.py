@@ -19,7 +19,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app import engine as engine_module
 from app.engine import (
     Batch,
     Engine,
@@ -34,6 +33,7 @@ from app.engine import (
     WordEvent,
     generate_alone,
 )
+from app.engine import batch as batch_module
 from app.text import Continuation
 from model_store import checkpoint
 from model_store.checkpoint import Checkpoint
@@ -411,7 +411,7 @@ def poison_sampling(monkeypatch: pytest.MonkeyPatch) -> None:
     """Sampling raises for calls holding the row seeded POISON once it has drawn FAULT_AT
     numbers, after every row of the call has drawn: the rows that share the step must be
     put back to where they were."""
-    real = engine_module.sample
+    real = batch_module.sample
     draws: dict[torch.Generator, int] = {}
 
     def faulty(logits: torch.Tensor, params: Any, generators: Any, banned: Any = ()) -> Any:
@@ -423,7 +423,7 @@ def poison_sampling(monkeypatch: pytest.MonkeyPatch) -> None:
                     raise RuntimeError("poisoned sampling")
         return ids
 
-    monkeypatch.setattr(engine_module, "sample", faulty)
+    monkeypatch.setattr(batch_module, "sample", faulty)
 
 
 def poison_text(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -445,7 +445,7 @@ def poison_text(monkeypatch: pytest.MonkeyPatch) -> None:
                 raise RuntimeError("poisoned text")
             super().push(word)
 
-    monkeypatch.setattr(engine_module, "Continuation", Faulty)
+    monkeypatch.setattr(batch_module, "Continuation", Faulty)
 
 
 FAULTS = {"sampling": poison_sampling, "text": poison_text}

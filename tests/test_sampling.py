@@ -20,6 +20,8 @@ from model_store.sampling import (
     next_logits,
     prime,
     sample,
+    start_state,
+    start_states,
 )
 
 VOCAB = 30
@@ -92,6 +94,28 @@ def test_feed_continues_a_state() -> None:
     assert_same_hidden(
         feed(model, [[6, 7]], prime(model, [[4, 5]], BOS)), prime(model, [[4, 5, 6, 7]], BOS)
     )
+
+
+@CELL_AND_LAYERS
+def test_start_states_of_texts_and_sessions_in_one_pass_equal_each_row_alone(
+    cell: str, layers: int
+) -> None:
+    model = make_model(cell=cell, layers=layers)
+    session = prime(model, [[4, 5]], BOS)
+    seeds = [[2, 3], [6, 7, 8], [], [], [9]]
+    hiddens: list[Hidden | None] = [None, session, session, None, None]
+    starts = start_states(model, seeds, BOS, hiddens)
+    alone = [
+        prime(model, [[2, 3]], BOS),
+        prime(model, [[4, 5, 6, 7, 8]], BOS),
+        session,  # a session without seed ids starts from its state as it is
+        prime(model, [[]], BOS),
+        prime(model, [[9]], BOS),
+    ]
+    assert len(starts) == len(alone)
+    for got, seed, hidden, want in zip(starts, seeds, hiddens, alone, strict=True):
+        assert_same_hidden(got, want)
+        assert_same_hidden(got, start_state(model, seed, BOS, hidden))
 
 
 @pytest.mark.parametrize("softmax", ["full", "adaptive"])
