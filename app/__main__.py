@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from app.errors import StartupError
 from app.logs import log_config
 from app.main import create_app
+from app.protocol import ConnectionLimits, limited_protocol
 from app.settings import ENV_PREFIX, Settings
 
 
@@ -157,6 +158,14 @@ async def _serve(settings: Settings) -> None:
         forwarded_allow_ips=settings.forwarded_allow_ips,
         timeout_graceful_shutdown=settings.shutdown_timeout_seconds,
         lifespan="off",  # run below, so that a start-up failure is ours to report
+        http=limited_protocol(
+            ConnectionLimits(
+                max_header_bytes=settings.max_header_bytes,
+                header_timeout=settings.header_timeout_seconds,
+                body_timeout=settings.body_timeout_seconds,
+            )
+        ),
+        ws="none",  # the app has no WebSocket route; the limits above are HTTP's
     )
     async with app.router.lifespan_context(app):
         # What start-up built (torch, the model, the app) lives as long as the process: keep

@@ -66,8 +66,9 @@ class AdmissionMiddleware:
 class HeaderLimitMiddleware:
     """Refuse a request whose header lines add up to more than ``max_bytes`` with a 431.
 
-    uvicorn bounds only headers that arrive in pieces; this bounds all of them, whatever the
-    client's pace, before anything else reads them."""
+    Under ``python -m app``, `app.protocol` refuses such headers while they still arrive; this
+    check bounds the app wherever it runs without that protocol (``uvicorn --factory``, tests),
+    before anything else reads the headers."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app

@@ -116,7 +116,22 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(65_536, ge=1_024, description="Largest request body accepted.")
     max_header_bytes: int = Field(
-        16_384, ge=1_024, description="Largest request headers accepted (all lines together)."
+        16_384,
+        ge=1_024,
+        description="Largest request headers accepted (all lines together); past it the "
+        "connection is refused (431) while the headers are still arriving.",
+    )
+    header_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="A connection whose request line and headers are not complete this long "
+        "after its first byte (or after it opened) is closed, with a 408 if a byte came.",
+    )
+    body_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="A connection whose request body stalls this long (no byte arrives) is "
+        "closed, with a 408 when no response was started.",
     )
     max_pending: int = Field(
         256,
