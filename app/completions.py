@@ -37,6 +37,7 @@ from app.schemas import (
     MAX_RANDOM_SEED,
     GenerateRequest,
     GenerateResponse,
+    OptionalInteger,
     OptionalText,
     StopStrings,
     ValidUnicode,
@@ -106,18 +107,18 @@ class CompletionRequest(BaseModel):
         description="The text to continue, split by the model's tokenizer; a list of texts "
         "gives n completions for each. Token-id prompts are not supported.",
     )
-    max_tokens: int | None = Field(16, ge=0, description="Words to generate per completion.")
+    max_tokens: OptionalInteger = Field(16, ge=0, description="Words to generate per completion.")
     temperature: float | None = Field(1.0, ge=0, le=2, description="0 means greedy.")
     top_p: float | None = Field(1.0, gt=0, le=1)
-    n: int | None = Field(1, ge=1, description="Completions per prompt.")
+    n: OptionalInteger = Field(1, ge=1, description="Completions per prompt.")
     stop: StopStrings | None = Field(None, description="Strings that end a completion.")
-    seed: int | None = Field(
+    seed: OptionalInteger = Field(
         None, ge=0, le=MAX_RANDOM_SEED, description="The same request and seed give the same text."
     )
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     echo: bool | None = Field(False, description="Return the prompt before each completion.")
-    best_of: int | None = Field(None, ge=1, description="Only 1 (or equal to n) is supported.")
+    best_of: OptionalInteger = Field(None, ge=1, description="Only 1 (or equal to n) is supported.")
     user: OptionalText = Field(None, description="Accepted and ignored.")
     logit_bias: Annotated[
         dict[str, int] | None,
@@ -133,7 +134,7 @@ class CompletionRequest(BaseModel):
     ] = None
     frequency_penalty: Penalty = None
     presence_penalty: Penalty = None
-    top_k: int | None = Field(
+    top_k: OptionalInteger = Field(
         0,
         ge=0,
         description="An extra field: sample among the k most likely words; 0 means all.",

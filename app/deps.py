@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, params
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from app.errors import ApiError
@@ -72,18 +72,24 @@ ModelsDep = Annotated[ModelAccess, Depends(get_models)]
 
 
 async def require_api_key(
-    settings: SettingsDep,
     caller: CallerDep,
     # Declared so that the OpenAPI schema shows both ways of sending a key; `get_caller`
     # reads the key itself, once.
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     api_key: Annotated[str | None, Depends(_api_key_header)],
 ) -> None:
-    """With ``WORDRNN_API_KEYS`` set, accept only a request that carries one of the keys."""
-    if not settings.api_keys or caller is not None:
+    """Accept only a request that carries one of the keys of ``WORDRNN_API_KEYS``."""
+    if caller is not None:
         return
     raise ApiError(
         401,
         "a valid API key is required: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
         headers={"WWW-Authenticate": "Bearer"},
     )
+
+
+def key_required(settings: Settings) -> list[params.Depends]:
+    """The dependencies of a route that needs an API key: `require_api_key` when keys are set,
+    none otherwise, so that a server without keys declares no security in its OpenAPI document
+    (its routes are open, and the document says so)."""
+    return [Depends(require_api_key)] if settings.api_keys else []

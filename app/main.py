@@ -15,10 +15,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import metadata
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from app.deps import require_api_key
+from app.deps import key_required
 from app.errors import install_error_handlers
 from app.logs import RequestLogMiddleware
 from app.metrics import Metrics, MetricsMiddleware
@@ -129,9 +129,9 @@ def create_app(
     app.state.phase = "loading"
     app.state.metrics = Metrics(app.state)
     install_error_handlers(app)
-    app.include_router(api_router)
+    app.include_router(api_router(settings))
     if settings.bench_noop:
-        app.include_router(bench.router, dependencies=[Depends(require_api_key)])
+        app.include_router(bench.router, dependencies=key_required(settings))
     # The last added runs first: the root path, then CORS (so refusals carry its headers too),
     # the rate limit, the header limit, early refusals when the engine is full, then the body
     # limit; the start-up middleware only sees the lifespan.

@@ -33,6 +33,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.routes.responses import errors
 from model_store.network import count_parameters
 
 log = logging.getLogger("app")
@@ -360,7 +361,7 @@ router = APIRouter(tags=["status"])
 @router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, **errors(401)},
     summary="Prometheus metrics",
 )
 async def metrics(request: Request) -> Response:

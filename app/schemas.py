@@ -1,10 +1,11 @@
 """Request and response bodies of the API.
 
-Requests are strict (``"stream": 0`` is not a boolean, ``"5"`` is not a number), reject
-unknown fields and refuse strings that are not valid Unicode. Bounds that do not depend on the
-deployment are declared here; limits that do (``max_words``, ``n``, seed length from the
-settings, ``top_k`` up to the vocabulary size) are checked against the loaded model in
-``app/serving.py`` and listed by ``GET /info``.
+Requests are strict (``"stream": 0`` is not a boolean, ``"5"`` is not a number; ``5.0`` is
+an integer, as JSON Schema counts it, but ``5.5`` is not), reject unknown fields and refuse
+strings that are not valid Unicode. Bounds that do not depend on the deployment are declared
+here; limits that do (``max_words``, ``n``, seed length from the settings, ``top_k`` up to the
+vocabulary size) are checked against the loaded model in ``app/serving.py`` and listed by
+``GET /info``.
 """
 
 from __future__ import annotations
@@ -53,6 +54,21 @@ ValidUnicode = BeforeValidator(_valid_unicode)
 OptionalText = Annotated[str | None, ValidUnicode]
 
 
+def _integral(value: object) -> object:
+    """A float with an integral value as that int; anything else as it is, for the strict int.
+
+    JSON Schema counts ``5.0`` as an integer, so a client (or a schema-driven fuzzer) may send
+    one where the schema says ``integer``; ``5.5``, ``"5"`` and ``true`` are still refused.
+    """
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# Every integer field of a request takes one of these. An optional one converts before the
+# None check, so that the field's bounds stay on the integer (as JSON Schema's ``minimum``).
+Integer = Annotated[int, BeforeValidator(_integral)]
+OptionalInteger = Annotated[int | None, BeforeValidator(_integral)]
+
+
 def _words_or_text(value: object) -> list[str] | str:
     if isinstance(value, str):
         return value
@@ -95,6 +111,16 @@ WordsOrText = Annotated[
     PlainValidator(_words_or_text, json_schema_input_type=list[_Word] | str),
     ValidUnicode,
 ]
+# The text to score: the server refuses one that holds no words, an empty one among them.
+TextToScore = Annotated[
+    list[str] | str,
+    PlainValidator(
+        _words_or_text,
+        json_schema_input_type=Annotated[list[_Word], Field(min_length=1)]
+        | Annotated[str, Field(min_length=1)],
+    ),
+    ValidUnicode,
+]
 StopStrings = Annotated[
     list[str],
     PlainValidator(
@@ -133,8 +159,8 @@ class _Request(BaseModel):
 
 class GenerateRequest(_Request):
     seed_words: WordsOrText | None = _SEED_WORDS
-    max_words: int = Field(25, ge=0, description="Words to generate per sample.")
-    top_k: int = Field(
+    max_words: Integer = Field(25, ge=0, description="Words to generate per sample.")
+    top_k: Integer = Field(
         5, ge=0, description="Sample among the k most likely words; 0 means the whole vocabulary."
     )
     temperature: float = Field(
@@ -146,14 +172,14 @@ class GenerateRequest(_Request):
     uniform: bool = Field(
         False, description="Pick uniformly among the kept words, as the lab's sampler does."
     )
-    random_seed: int | None = Field(
+    random_seed: OptionalInteger = Field(
         None,
         ge=0,
         le=MAX_RANDOM_SEED,
         description="The same request and seed give the same text; absent: the server picks "
         "one and returns it.",
     )
-    n: int = Field(1, ge=1, description="Independent samples, generated as one batch.")
+    n: Integer = Field(1, ge=1, description="Independent samples, generated as one batch.")
     stop: StopStrings | None = Field(
         None,
         description="Strings that end a sample where they first appear in its text, matched on "
@@ -234,7 +260,7 @@ class NextWordsRequest(_Request):
         max_length=SESSION_ID_MAX_CHARS,
         description="Start from this session's state (the session is not changed).",
     )
-    top_k: int = Field(10, ge=1, description="How many words to suggest.")
+    top_k: Integer = Field(10, ge=1, description="How many words to suggest.")
     on_unknown: OnUnknown = _ON_UNKNOWN
     model: OptionalText = _MODEL
 
@@ -253,7 +279,7 @@ class NextWordsResponse(BaseModel):
 
 
 class ScoreRequest(_Request):
-    text: WordsOrText = Field(description="A list of words, or a string the tokenizer splits.")
+    text: TextToScore = Field(description="A list of words, or a string the tokenizer splits.")
     on_unknown: OnUnknown = _ON_UNKNOWN
     model: OptionalText = _MODEL
 

@@ -8,15 +8,15 @@ rate limit a 429 (with ``Retry-After``) on every route but the probes and ``/met
 
 Schema-valid requests may still be refused for what the static schema cannot state: the
 deployment's limits and the loaded model (``max_words``, ``n``, ``top_k`` up to the vocabulary
-size, seed length, unknown words, ``best_of`` equal to ``n``), listed by ``GET /info``, and
-``5.0`` where an integer is wanted (JSON Schema counts it as one; the strict types do not).
+size, seed length, unknown words, ``best_of`` equal to ``n``), listed by ``GET /info``.
 ``bench.fuzz.accepted_unless_limited``, shared with the long run (``python -m bench.fuzz``),
 replaces schemathesis' ``positive_data_acceptance`` to allow those refusals and no other.
 
-The schema is read at import time, from an app whose model is never loaded: schemathesis'
+The schemas are read at import time, from apps whose model is never loaded: schemathesis'
 pytest integration needs the operations when it collects the tests (its fixture-based loader
-does not run on pytest 9), and the schema does not depend on the model.
-`test_the_fuzzed_schema_is_the_served_one` checks that it is what the app serves. The
+does not run on pytest 9), and a schema does not depend on the model. It does depend on the
+keys: only a server with keys declares security, which schemathesis' ``ignored_auth`` then
+checks. `test_the_fuzzed_schemas_are_the_served_ones` checks that they are what the apps serve. The
 requests go to `AppUnderTest` stand-ins, which the fixtures point at apps on a tiny model.
 """
 
@@ -33,8 +33,8 @@ import schemathesis
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
-from schemathesis import Case
-from schemathesis.checks import ignored_auth, positive_data_acceptance, unsupported_method
+from schemathesis import BaseSchema, Case
+from schemathesis.checks import positive_data_acceptance, unsupported_method
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.main import create_app
@@ -55,13 +55,17 @@ class AppUnderTest:
         await self.app(scope, receive, send)
 
 
+def _schema(**settings: Any) -> BaseSchema:
+    """The schema of an app with ``settings``, whose model is never loaded."""
+    app = create_app(Settings(model_dir=Path("never-loaded"), **settings))
+    return schemathesis.openapi.from_dict(app.openapi())
+
+
 OPEN, KEYED, LIMITED = AppUnderTest(), AppUnderTest(), AppUnderTest()
-SCHEMA = schemathesis.openapi.from_dict(
-    create_app(Settings(model_dir=Path("never-loaded"))).openapi()
-)
+SCHEMA = _schema()
 SCHEMA.app = OPEN
 # With keys: the routes without a body (GET and DELETE), the OpenAI ones among them.
-KEYED_SCHEMA = SCHEMA.include(method=["GET", "DELETE"])
+KEYED_SCHEMA = _schema(api_keys=[API_KEY]).include(method=["GET", "DELETE"])
 KEYED_SCHEMA.app = KEYED
 LIMITED_SCHEMA = SCHEMA.clone()
 LIMITED_SCHEMA.app = LIMITED
@@ -103,19 +107,20 @@ def limited_app(tiny_run: Path) -> Iterator[FastAPI]:
     LIMITED.app = None
 
 
-def test_the_fuzzed_schema_is_the_served_one(app: FastAPI) -> None:
+def test_the_fuzzed_schemas_are_the_served_ones(app: FastAPI, keyed_app: FastAPI) -> None:
     served = schemathesis.openapi.from_asgi("/openapi.json", app)
     assert served.raw_schema == SCHEMA.raw_schema
+    served = schemathesis.openapi.from_asgi("/openapi.json", keyed_app)
+    assert served.raw_schema == KEYED_SCHEMA.raw_schema
 
 
 @SCHEMA.parametrize()
 @FUZZ
 @pytest.mark.usefixtures("app")
 def test_every_route_keeps_its_schema(case: Case) -> None:
-    # Without API keys configured the declared authentication is not enforced.
     case.call_and_validate(
         timeout=REQUEST_TIMEOUT_SECONDS,
-        excluded_checks=[ignored_auth, positive_data_acceptance],
+        excluded_checks=[positive_data_acceptance],
         additional_checks=[accepted_unless_limited],
     )
 
@@ -141,7 +146,7 @@ def test_past_the_rate_limit_every_limited_route_answers_a_documented_429(case: 
     response = case.call_and_validate(
         timeout=REQUEST_TIMEOUT_SECONDS,
         # The limiter answers before routing, so an unsupported method gets a 429 too.
-        excluded_checks=[ignored_auth, positive_data_acceptance, unsupported_method],
+        excluded_checks=[positive_data_acceptance, unsupported_method],
         additional_checks=[accepted_unless_limited],
     )
     assert (response.status_code == 429) == (case.path not in UNLIMITED_PATHS)

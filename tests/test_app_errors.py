@@ -61,7 +61,10 @@ def assert_openai_error(response: Any, status: int, kind: str) -> dict[str, Any]
     [
         ({"top_k": -1}, "top_k"),
         ({"top_k": 23}, "top_k"),  # the tiny vocabulary has 22 words
-        ({"top_k": 5.0}, "top_k"),
+        ({"top_k": 5.5}, "top_k"),
+        ({"top_k": True}, "top_k"),
+        ({"top_k": "5"}, "top_k"),
+        ({"n": 1.5}, "n"),
         ({"max_words": 41}, "max_words"),
         ({"max_words": -1}, "max_words"),
         ({"max_words": "10"}, "max_words"),
@@ -95,6 +98,20 @@ def assert_openai_error(response: Any, status: int, kind: str) -> dict[str, Any]
 )
 def test_generate_names_the_bad_field(client: TestClient, body: dict[str, Any], field: str) -> None:
     assert_error(client.post("/generate", json=body), 422, field)
+
+
+def test_an_integral_float_is_the_integer_it_equals(client: TestClient) -> None:
+    """JSON Schema counts 5.0 as an integer, so the API does too (5.5 is refused above)."""
+    as_ints = {"max_words": 3, "top_k": 5, "n": 2, "random_seed": 7}
+    as_floats = {field: float(value) for field, value in as_ints.items()}
+    assert client.post("/generate", json=as_floats).json() == (
+        client.post("/generate", json=as_ints).json()
+    )
+    suggested = client.post("/next-words", json={"top_k": 3.0})
+    assert len(suggested.json()["words"]) == 3, suggested.text
+    completion = {"prompt": "I", "max_tokens": 2.0, "n": 2.0, "seed": 7.0, "best_of": 2.0}
+    response = client.post("/v1/completions", json={**completion, "top_k": 5.0})
+    assert len(response.json()["choices"]) == 2, response.text
 
 
 def test_an_unknown_field_is_named_with_the_accepted_ones(client: TestClient) -> None:
@@ -242,6 +259,14 @@ def test_other_endpoints_name_the_bad_field(
     client: TestClient, path: str, body: dict[str, Any], field: str
 ) -> None:
     assert_error(client.post(path, json=body), 422, field)
+
+
+def test_the_schema_says_a_text_to_score_is_not_empty(client: TestClient) -> None:
+    """What the server refuses above (an empty string or list), the schema refuses too."""
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["ScoreRequest"]
+    words, string = schema["properties"]["text"]["anyOf"]
+    assert (words["type"], words["minItems"]) == ("array", 1)
+    assert (string["type"], string["minLength"]) == ("string", 1)
 
 
 def post_escaped(client: TestClient, path: str, body: Any) -> Any:

@@ -123,6 +123,30 @@ def test_model_endpoints_need_a_key_when_keys_are_set(
     assert "API key" in response.json()["detail"]
 
 
+def test_the_docs_declare_security_only_when_keys_are_set(
+    client: TestClient, keyed: TestClient
+) -> None:
+    """An open server declares no authentication it does not enforce; a keyed one declares
+    both ways of sending a key on every route that needs one."""
+    document = client.get("/openapi.json").json()
+    assert "securitySchemes" not in document.get("components", {})
+    operations = [op for path in document["paths"].values() for op in path.values()]
+    assert not [op["operationId"] for op in operations if "security" in op]
+    document = keyed.get("/openapi.json").json()
+    assert set(document["components"]["securitySchemes"]) == {"HTTPBearer", "APIKeyHeader"}
+    for path in ("/generate", "/score", "/info", "/metrics", "/v1/completions"):
+        operation = next(iter(document["paths"][path].values()))
+        assert operation["security"] == [{"HTTPBearer": []}, {"APIKeyHeader": []}], path
+    assert "security" not in document["paths"]["/healthz"]["get"]
+
+
+def test_the_401_of_metrics_is_documented(keyed: TestClient) -> None:
+    operation = keyed.get("/openapi.json").json()["paths"]["/metrics"]["get"]
+    error = operation["responses"]["401"]["content"]["application/json"]["schema"]
+    assert error == {"$ref": "#/components/schemas/ErrorResponse"}
+    assert keyed.get("/metrics").json()["errors"] == []
+
+
 def test_probes_and_docs_need_no_key(keyed: TestClient) -> None:
     for path in ("/healthz", "/readyz", "/docs", "/openapi.json", "/"):
         assert keyed.get(path).status_code == 200, path

@@ -5,22 +5,28 @@ Handlers stay thin: they take a validated body, call `TextService`, and return i
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 
 from app import metrics
-from app.deps import require_api_key
+from app.deps import key_required
 from app.routes import generate, openai, playground, sessions, status, suggest
+from app.settings import Settings
 
-api_router = APIRouter()
-api_router.include_router(status.router)
-# The playground's page and files hold no data (its API calls carry the key typed into it).
-api_router.include_router(playground.router)
-for protected in (
-    metrics.router,
-    generate.router,
-    sessions.router,
-    suggest.router,
-    status.info_router,
-    openai.router,
-):
-    api_router.include_router(protected, dependencies=[Depends(require_api_key)])
+
+def api_router(settings: Settings) -> APIRouter:
+    """Every route of an app with ``settings``: the model routes and ``/metrics`` need an API
+    key when keys are set (see `key_required`)."""
+    router = APIRouter()
+    router.include_router(status.router)
+    # The playground's page and files hold no data (its API calls carry the key typed into it).
+    router.include_router(playground.router)
+    for protected in (
+        metrics.router,
+        generate.router,
+        sessions.router,
+        suggest.router,
+        status.info_router,
+        openai.router,
+    ):
+        router.include_router(protected, dependencies=key_required(settings))
+    return router
