@@ -12,6 +12,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from app.main import create_app
+from app.text import PIECES_PER_WORD, Continuation
 from model_store import checkpoint
 from model_store.scoring import token_log_probs
 from model_store.vocab import TokenizerSpec
@@ -135,3 +136,19 @@ def test_info_names_the_tokenizer_without_its_merges(client: TestClient) -> None
     assert info["tokenizer"]["pieces"] > 256
     assert "model" not in info["tokenizer"]
     assert "best_valid_bits_per_char" in info
+
+
+def test_a_sample_of_one_endless_word_ends_at_the_piece_cap(run: Path) -> None:
+    vocab = checkpoint.load(run, torch.device("cpu")).vocab
+    start = next(t for t in vocab.tokens if t.startswith("Ġ"))
+    more = next(t for i, t in enumerate(vocab.tokens) if not vocab.starts_word()[i])
+    text = Continuation(vocab, ["I"], max_words=3)
+    pushed = 0
+    for token in [start, *[more] * 1000]:
+        if not text.push_token(token):
+            break
+        pushed += 1
+        if text.done:
+            break
+    assert pushed == 3 * PIECES_PER_WORD + PIECES_PER_WORD
+    assert text.finish().words == [vocab.spell(vocab.encode([start, *[more] * (pushed - 1)]))]
