@@ -87,7 +87,8 @@ def next_words(
         more = (going + step.masked_fill(starts, -math.inf)).flatten()
         scores, flat = more.topk(min(width, more.numel()))
         best = sorted(found.values(), reverse=True)
-        bar = math.log(best[top_k - 1]) if len(best) >= top_k else -math.inf
+        # A probability that underflowed to 0 sets no bar (and has no logarithm).
+        bar = math.log(best[top_k - 1]) if len(best) >= top_k and best[top_k - 1] else -math.inf
         kept = [
             (int(f) // step.shape[1], int(f) % step.shape[1], s)
             for f, s in zip(flat.tolist(), scores.tolist(), strict=True)

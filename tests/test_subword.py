@@ -177,3 +177,15 @@ def test_next_words_are_whole_words_with_their_probability(make_run: MakeRun) ->
                 log_p += float(log_probs.masked_fill(~starts, -math.inf).logsumexp(0))
             assert probability >= math.exp(log_p) * (1 - 1e-5)  # other spellings may add
             assert not word.startswith("Ġ")
+
+
+def test_next_words_survive_probabilities_that_underflow(make_run: MakeRun) -> None:
+    loaded = checkpoint.load(make_run(tokenizer="subword", seed=3), torch.device("cpu"))
+    vocab, model = loaded.vocab, loaded.model
+    with torch.inference_mode():
+        assert model.decoder is not None
+        model.decoder.weight.mul_(1e4)  # scores so far apart that most words get exp(...) = 0
+        state = prime(model, [vocab.encode_words(["I"])[0]], vocab.bos_id)
+        ranked = scoring.next_words(model, vocab, state, 40)
+    assert len(ranked) == 40
+    assert all(0 <= p <= 1 for _, p in ranked)
