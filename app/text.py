@@ -72,13 +72,9 @@ class Continuation:
         self._stops = tuple(stops)
         self._longest = max((len(s) for s in self._stops), default=0)
         self._max_words = max_words
-        self._max_tokens = (
-            None
-            if max_words is None
-            else max_words * PIECES_PER_WORD + PIECES_PER_WORD
-            if self._subword
-            else max_words
-        )
+        # A word is one token, or up to PIECES_PER_WORD pieces on average (and one word more).
+        per_word, spare = (PIECES_PER_WORD, PIECES_PER_WORD) if self._subword else (1, 0)
+        self._max_tokens = None if max_words is None else max_words * per_word + spare
         self.words: list[str] = []
         self.tokens = 0  # the model's tokens taken (each one sampling step)
         self._pending: list[str] = []  # the pieces of the word being written (subword)
@@ -137,7 +133,7 @@ class Continuation:
         """The pending pieces make a whole word (a word spelled empty adds none)."""
         if not self._pending:
             return
-        word = self._vocab.spell(self._vocab.encode(self._pending))
+        word = self._vocab.tokenizer.subword_model().word(self._pending)
         self._pending = []
         if word:
             self.push(word)

@@ -14,9 +14,10 @@ only in capitals is spelled from the same well-trained pieces as ordinary words 
 held-out plays: an unseen speaker's name costs 45 bits instead of 56). Only marks that give
 the word back exactly are used; other words (``McDonald``) are cut as they are.
 
-Words, not pieces, are what users see: ``split_words``/``join_words`` turn text into words
-and back (spaces and tabs between words become one space, spaces at line ends are dropped,
-line breaks are kept), and `SubwordModel.word` spells a word from its pieces.
+Words, not pieces, are what users see: `split_words` and the vocabulary's ``Detokenizer``
+turn text into words and back (spaces and tabs between words become one space, spaces at
+line ends are dropped, line breaks are kept), and `SubwordModel.word` spells a word from its
+pieces.
 """
 
 from __future__ import annotations
@@ -79,26 +80,14 @@ def split_words(text: str) -> list[str]:
     return words
 
 
-def join_words(words: Iterable[str]) -> str:
-    """The text of ``words``: one space between words, ``<nl>`` as a line break."""
-    parts: list[str] = []
-    glue = True  # at the start of the text and of each line
-    for word in words:
-        if word == NEWLINE:
-            parts.append("\n")
-            glue = True
-            continue
-        parts.append(word if glue else " " + word)
-        glue = False
-    return "".join(parts)
-
-
 class SubwordModel:
     """A trained byte-level BPE: words to pieces and pieces back to words."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._tokenizer = tokenizer
         self._decoder = decoders.ByteLevel()
+        vocab = tokenizer.get_vocab()
+        self.pieces: tuple[str, ...] = tuple(sorted(vocab, key=vocab.__getitem__))  # id order
         # Per model, bounded: prompts may bring any number of new words.
         self.word_pieces = functools.lru_cache(maxsize=65536)(self._word_pieces)
 
@@ -125,12 +114,6 @@ class SubwordModel:
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(self._tokenizer.to_str())  # type: ignore[no-any-return]
-
-    @property
-    def pieces(self) -> list[str]:
-        """Every piece, in the BPE's own id order."""
-        vocab = self._tokenizer.get_vocab()
-        return sorted(vocab, key=vocab.__getitem__)
 
     def _word_pieces(self, word: str) -> tuple[str, ...]:
         """The pieces of one word (no whitespace in it); ``<nl>`` is a piece of its own."""

@@ -146,8 +146,9 @@ class Detokenizer:
         if tok in _QUOTES:
             # After ":" or ";" a quote opens ("She said: 'no.'"), whatever came before.
             closing = tok in self._open_quotes and last not in _QUOTE_OPENERS
-            self._open_quotes.symmetric_difference_update({tok})
-            if not closing:
+            if closing:
+                self._open_quotes.discard(tok)
+            else:
                 self._open_quotes.add(tok)
             if closing:
                 self._glue_next = False
@@ -161,6 +162,11 @@ class Detokenizer:
 
     def feed(self, tokens: Iterable[str]) -> str:
         return "".join(self.push(tok) for tok in tokens)
+
+
+def _subword_tokens(spec: TokenizerSpec) -> list[str]:
+    """What a subword vocabulary must hold besides its special tokens: every piece."""
+    return [NEWLINE, *spec.subword_model().pieces]
 
 
 def detokenize(tokens: Sequence[str], spec: TokenizerSpec | None = None) -> str:
@@ -197,8 +203,7 @@ class Vocab:
         self._folded: dict[str, int] | None = None
         self._starts: list[bool] | None = None
         if self.tokenizer.name == "subword":
-            pieces = [NEWLINE, *self.tokenizer.subword_model().pieces]
-            missing = [piece for piece in pieces if piece not in self._index]
+            missing = [p for p in _subword_tokens(self.tokenizer) if p not in self._index]
             if missing:
                 raise VocabError(
                     f"{len(missing)} pieces of the subword model are not in the vocabulary "
@@ -229,8 +234,7 @@ class Vocab:
         if tokenizer is not None and tokenizer.name == "subword":
             # Every piece, seen or not, so that any text encodes: the open vocabulary.
             kept = set(keep)
-            model_pieces = [NEWLINE, *tokenizer.subword_model().pieces]
-            keep += [piece for piece in model_pieces if piece not in kept]
+            keep += [piece for piece in _subword_tokens(tokenizer) if piece not in kept]
         return cls(
             tokens=[*SPECIAL_TOKENS, *keep],
             counts=[unk_count, bos_count, *(counter[tok] for tok in keep)],
