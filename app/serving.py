@@ -401,13 +401,14 @@ class TextService:
             start += size
         total = math.fsum(log_probs)
         characters = len(self.vocab.join_words(text.tokens))
+        unknown = set(text.unknown)  # the words with no exact match (none for subword)
         return ScoreResponse(
             model=self.model_id,
             words=[
                 ScoredWord(
                     word=word,
                     token=seen,
-                    known=self.vocab.is_subword or word in self.vocab,
+                    known=word not in unknown,
                     probability=math.exp(lp),
                     log_prob=lp,
                 )
