@@ -319,6 +319,10 @@ def test_evaluate_prints_bits_per_char_as_json(
     )
     held_out = tmp_path / "held-out.txt"
     held_out.write_text("I can see the zebra.\n", encoding="utf-8")
+    assert evaluate.main([out, "--text", str(held_out)]) == 0
+    line = capsys.readouterr().out
+    assert "bits per character over 21 characters" in line
+    assert "16.67% of the words not in the vocabulary" in line
     assert evaluate.main([out, "--text", str(held_out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["characters"] == 21
