@@ -46,10 +46,12 @@ def serve_held() -> None:
 
 
 def refused(url: str) -> bool:
-    """Whether a new connection is refused (or answered 503, as while stopping)."""
+    """Whether a new connection is refused (or answered 503, as while stopping). A connection
+    that reached the listening socket's backlog just before it closed is reset by the kernel,
+    unanswered: refused too."""
     try:
         return httpx.get(f"{url}/readyz", timeout=5).status_code == 503
-    except httpx.ConnectError:
+    except (httpx.ConnectError, httpx.ReadError):
         return True
 
 
