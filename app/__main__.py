@@ -1,16 +1,14 @@
 """Serve a run folder over HTTP: ``python -m app --model-dir RUN_DIR [--host H] [--port P]``.
 
 ``--models-dir DIR`` serves every run folder under ``DIR`` instead, each named after its
-subfolder (``--default-model NAME`` picks the one a request without ``model`` gets). The
-run folders are checked every ``--reload-interval-seconds`` (5) for a newly committed
-checkpoint, which replaces the served one without dropping a request.
+subfolder. Every setting of `app.settings.Settings` has a flag named after it
+(``WORDRNN_MAX_WORDS`` is ``--max-words``), which overrides the environment; the flags,
+their help and the defaults it shows are all read from the settings, so that they cannot
+drift apart (``python -m app --help`` lists them).
 
-``--engine batched`` (the default) steps every active request together, one forward pass per
-step; ``--engine naive`` generates each request alone, one after the other (``WORDRNN_ENGINE``).
-
-Flags override the ``WORDRNN_*`` environment (see ``app/settings.py``). The model is loaded
-and warmed up before the port is opened; a bad checkpoint or device ends the process with
-one line on stderr that names the file (exit status 1), bad settings with exit status 2.
+The model is loaded and warmed up before the port is opened; a bad checkpoint or device
+ends the process with one line on stderr that names the file (exit status 1), bad settings
+with exit status 2.
 """
 
 from __future__ import annotations
@@ -22,9 +20,11 @@ import signal
 import sys
 from collections.abc import Sequence
 from types import FrameType
+from typing import Any, Literal, get_args, get_origin
 
 import uvicorn
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
 from app.errors import StartupError
 from app.logs import log_config
@@ -32,97 +32,66 @@ from app.main import create_app
 from app.protocol import ConnectionLimits, limited_protocol
 from app.settings import ENV_PREFIX, Settings
 
+# Flags not spelled as their setting: ``--api-key`` takes one key, and is repeated for more.
+FLAG_NAMES = {"api_keys": "--api-key", "api_keys_file": "--api-key-file"}
+
+
+def flag_name(name: str) -> str:
+    return FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+
+
+def _shown_default(field: FieldInfo) -> str | None:
+    """The default as --help writes it; None for an unset or empty one, which says nothing."""
+    value = field.get_default(call_default_factory=True)
+    if value is None or value in ("", []):
+        return None
+    if isinstance(value, float):
+        return f"{value:g}"  # 5, not 5.0, as the README writes it
+    return str(value)
+
+
+def _help(name: str, field: FieldInfo, note: str = "") -> str:
+    where = f"{ENV_PREFIX}{name.upper()}"
+    default = _shown_default(field)
+    if default is not None:
+        where += f"; default: {default}"
+    text = " ".join(part for part in (field.description, note, f"[{where}]") if part)
+    return text.replace("%", "%%")  # argparse %-formats help
+
+
+def _argument(name: str, field: FieldInfo) -> dict[str, Any]:
+    """How argparse reads one setting's flag.
+
+    Values stay the strings typed: `Settings` converts and checks them as it does the
+    environment's, so a bad value gets the same message, naming both. argparse is told
+    only what changes the command line itself: choices (listed in --help, refused before
+    anything starts), switches, and the repeated ``--api-key``.
+    """
+    argument: dict[str, Any] = {"dest": name, "default": None}
+    note = ""
+    if name == "api_keys":
+        argument.update(action="append", metavar="KEY")
+        note = "Repeat the flag for several keys: they add to the environment's and the file's."
+    elif field.annotation is bool:
+        argument["action"] = argparse.BooleanOptionalAction
+    elif get_origin(field.annotation) is Literal:
+        argument["choices"] = get_args(field.annotation)
+    else:
+        argument["metavar"] = name.rsplit("_", 1)[-1].upper()  # --max-words WORDS
+    argument["help"] = _help(name, field, note)
+    return argument
+
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The flags given; those not given are None, so the environment's value stands."""
     parser = argparse.ArgumentParser(
         prog="python -m app",
-        description="Serve a trained run folder over HTTP. Flags override the WORDRNN_* "
-        "environment variables.",
+        description="Serve a trained run folder over HTTP. Each flag overrides the WORDRNN_* "
+        "environment variable its help names.",
     )
-    parser.add_argument("--model-dir", help="the run folder written by the trainer")
-    parser.add_argument(
-        "--models-dir",
-        help="serve every run folder in this folder instead, each named after its subfolder",
-    )
-    parser.add_argument(
-        "--default-model",
-        metavar="NAME",
-        help="the model of requests without 'model' (default: the only one, else the "
-        "subfolder named 'default')",
-    )
-    parser.add_argument(
-        "--reload-interval-seconds",
-        type=float,
-        metavar="SECONDS",
-        help="check the run folders for a new checkpoint this often (default 5; 0: never)",
-    )
-    parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="port to listen on (default 8000; 0: any free)")
-    parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
-    parser.add_argument("--root-path", help="the sub-path a reverse proxy serves the app under")
-    parser.add_argument(
-        "--log-level", choices=["critical", "error", "warning", "info", "debug"], default=None
-    )
-    parser.add_argument(
-        "--log-format", choices=["text", "json"], help="text (default) or json: one object a line"
-    )
-    parser.add_argument(
-        "--forwarded-allow-ips",
-        help="proxies whose X-Forwarded-* headers are believed: comma-separated addresses or "
-        "networks, or * (default 127.0.0.1,::1)",
-    )
-    parser.add_argument(
-        "--engine",
-        choices=["batched", "naive"],
-        help="batched (default): continuous batching, every active request advanced in one "
-        "forward pass per step; naive: each request generates alone",
-    )
-    parser.add_argument(
-        "--api-key",
-        dest="api_keys",
-        action="append",
-        metavar="KEY",
-        help="require 'Authorization: Bearer KEY' on the model endpoints; repeat for several "
-        "keys (added to WORDRNN_API_KEYS and the key file; default: none)",
-    )
-    parser.add_argument(
-        "--api-key-file",
-        dest="api_keys_file",
-        metavar="PATH",
-        help="accept the keys in PATH too: one a line, blank lines and # comments skipped "
-        "(WORDRNN_API_KEYS_FILE)",
-    )
-    parser.add_argument(
-        "--rate-limit",
-        metavar="LIMITS",
-        help="requests each API key (else each client address) may make, e.g. 60/minute or "
-        "'10/second;100/minute'; 429 past it (WORDRNN_RATE_LIMIT; default: no limit)",
-    )
-    # The benchmark's HTTP ceiling (bench/serve_load.py): POST /bench/generate-noop.
-    parser.add_argument("--bench-noop", action="store_true", default=None, help=argparse.SUPPRESS)
+    for name, field in Settings.model_fields.items():
+        parser.add_argument(flag_name(name), **_argument(name, field))
     return parser.parse_args(argv)
-
-
-FLAGS = (
-    "model_dir",
-    "models_dir",
-    "default_model",
-    "reload_interval_seconds",
-    "host",
-    "port",
-    "device",
-    "root_path",
-    "log_level",
-    "log_format",
-    "forwarded_allow_ips",
-    "engine",
-    "api_keys",
-    "api_keys_file",
-    "rate_limit",
-    "bench_noop",
-)
-# Flags not spelled as their setting: one ``--api-key`` for each key.
-FLAG_NAMES = {"api_keys": "--api-key", "api_keys_file": "--api-key-file"}
 
 
 def build_settings(args: argparse.Namespace) -> Settings:
@@ -131,7 +100,7 @@ def build_settings(args: argparse.Namespace) -> Settings:
     ``--api-key`` adds to the keys of the environment and the key file instead of replacing
     them.
     """
-    overrides = {name: getattr(args, name) for name in FLAGS if getattr(args, name) is not None}
+    overrides = {name: value for name, value in vars(args).items() if value is not None}
     flag_keys = overrides.pop("api_keys", [])
     settings = Settings(**overrides)
     if not flag_keys:
@@ -183,9 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for err in exc.errors():
             name = ".".join(str(part) for part in err["loc"])
             source = f"{ENV_PREFIX}{name.upper()}"
-            if name in FLAGS:
-                flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
-                source = f"{flag} or {source}"
+            if name in Settings.model_fields:
+                source = f"{flag_name(name)} or {source}"
             print(f"error: setting {name} ({source}): {err['msg']}", file=sys.stderr)
         return 2
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}

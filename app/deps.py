@@ -17,7 +17,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from app.errors import ApiError
 from app.keys import key_owner, presented_key
-from app.models import ModelAccess, ModelRegistry
+from app.registry import ModelAccess, ModelRegistry
 from app.serving import TextService
 from app.settings import Settings
 
@@ -40,18 +40,17 @@ async def get_caller(request: Request) -> str | None:
 CallerDep = Annotated[str | None, Depends(get_caller)]
 
 
-async def get_service(request: Request, caller: CallerDep) -> TextService:
-    """The default model's service once it is loaded, acting for the caller's key (whose sessions
-    it sees); a 503 before that and while stopping."""
+async def get_service(request: Request) -> TextService:
+    """The default model's service once it is loaded; a 503 before that and while stopping."""
     registry: ModelRegistry | None = request.app.state.models
     if registry is None:
         raise _not_ready(request)
-    return registry.default.service.for_owner(caller)
+    return registry.default.service
 
 
 async def get_models(request: Request, caller: CallerDep) -> ModelAccess:
-    """The served models, acting for the caller's key (whose sessions they see); a 503
-    before they are loaded and while stopping."""
+    """The served models, with the caller's key fingerprint (whose sessions it may use); a
+    503 before they are loaded and while stopping."""
     registry: ModelRegistry | None = request.app.state.models
     if registry is None:
         raise _not_ready(request)

@@ -43,6 +43,10 @@ ERROR_TYPES = {
 }
 
 
+# What a client learns of a failure that is the server's own; the log has the rest.
+INTERNAL_ERROR = "internal error; the server log has the details"
+
+
 class StartupError(Exception):
     """The service cannot start; ``str()`` is one line that names the file or setting at fault."""
 
@@ -248,7 +252,7 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception(
         "unexpected error in %s %s", log_safe(request.method), loggable_path(request.url.path)
     )
-    return _answer(request, ApiError(500, "internal error; the server log has the details"))
+    return _answer(request, ApiError(500, INTERNAL_ERROR))
 
 
 def install_error_handlers(app: FastAPI) -> None:

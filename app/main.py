@@ -1,7 +1,7 @@
 """The application factory: ``uvicorn --factory app.main:create_app`` (``WORDRNN_MODEL_DIR`` set).
 
 `create_app` builds the app from `Settings` and reads nothing else. Its lifespan loads and
-verifies the run folder (or every run folder of ``WORDRNN_MODELS_DIR``, see ``app/models.py``)
+verifies the run folder (or every run folder of ``WORDRNN_MODELS_DIR``, see ``app/registry.py``)
 onto the device, warms each model up, and only then marks the service ready (``/readyz`` 200,
 ``/generate`` served); until then, and while stopping, model endpoints answer 503. A bad
 checkpoint or device raises `StartupError`, whose one line names the file. While serving, the
@@ -18,7 +18,6 @@ from importlib import metadata
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from app.deps import key_required
 from app.errors import install_error_handlers
 from app.logs import RequestLogMiddleware
 from app.metrics import Metrics, MetricsMiddleware
@@ -29,9 +28,9 @@ from app.middleware import (
     RootPathMiddleware,
     StartupErrorMiddleware,
 )
-from app.models import ModelRegistry
 from app.ratelimit import RateLimitMiddleware
-from app.routes import api_router, bench
+from app.registry import ModelRegistry
+from app.routes import api_router
 from app.sessions import MemorySessionStore, RedisSessionStore, SessionStore
 from app.settings import Settings
 
@@ -130,8 +129,6 @@ def create_app(
     app.state.metrics = Metrics(app.state)
     install_error_handlers(app)
     app.include_router(api_router(settings))
-    if settings.bench_noop:
-        app.include_router(bench.router, dependencies=key_required(settings))
     # The last added runs first: the root path, then CORS (so refusals carry its headers too),
     # the rate limit, the header limit, early refusals when the engine is full, then the body
     # limit; the start-up middleware only sees the lifespan.

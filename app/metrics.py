@@ -6,18 +6,14 @@ never the raw path), method and status, its duration until the last byte, and fo
 streams the time to the first word. What the service holds is read when Prometheus scrapes,
 by `ServiceCollector`: readiness, then for each model (labelled ``model="NAME"``) its card,
 active sessions, load time, reloads and refused reloads, and its engine's own counters
-(whatever ``engine.stats()`` reports; see `engine_stats`).
+(`EngineStats`, every number of it).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
-import re
 import time
-from collections import Counter as Tally
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -33,7 +29,8 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.routes.responses import errors
+from app.engine.scheduler import EngineStats
+from app.routes.docs import errors
 from model_store.network import count_parameters
 
 log = logging.getLogger("app")
@@ -45,77 +42,33 @@ FIRST_WORD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 UNMATCHED = "<unmatched>"  # the route label of a path no route serves (keeps labels bounded)
 
-# Engine statistics with a meaning of their own: key -> (kind, metric name, help).
+# Each number of `EngineStats`: field -> (kind, metric name, help).
 ENGINE_METRICS: dict[str, tuple[str, str, str]] = {
     "queue_length": ("gauge", "engine_queue_length", "Generations waiting to join the batch."),
+    "active_requests": ("gauge", "engine_active_requests", "Requests in the running batch."),
     "active_rows": ("gauge", "engine_active_rows", "Rows (samples) in the running batch."),
     "pending": ("gauge", "engine_pending_jobs", "Model jobs queued or running."),
-    "steps_total": ("counter", "engine_steps", "Batched model steps run."),
-    "rows_stepped_total": ("counter", "engine_rows_stepped", "Rows advanced by a step, summed."),
-    "words": ("counter", "generated_words", "Words generated, all samples together."),
-    "words_total": ("counter", "generated_words", "Words generated, all samples together."),
-    "generated_words_total": (
-        "counter",
-        "generated_words",
-        "Words generated, all samples together.",
-    ),
-    "generations": ("counter", "engine_generations", "Generations run (the warm-up included)."),
-    "generations_total": ("counter", "engine_generations", "Generations run."),
-    "cancelled": ("counter", "engine_cancelled", "Generations stopped before their end."),
-    "cancelled_total": ("counter", "engine_cancelled", "Generations stopped before their end."),
-    "failed": ("counter", "engine_failed", "Generations that failed."),
-    "failed_total": ("counter", "engine_failed", "Generations that failed."),
-    "step_batch_sizes": ("histogram", "engine_step_batch_size", "Rows per batched model step."),
-    "active_requests": ("gauge", "engine_active_requests", "Requests in the running batch."),
-    "expired": ("counter", "engine_expired", "Generations dropped at their deadline."),
-    "rejected": ("counter", "engine_rejected", "Requests refused because the queue was full."),
     "max_pending": ("gauge", "engine_max_pending", "Requests queued or running at most."),
     "max_batch": ("gauge", "engine_max_batch", "Rows one step advances at most."),
+    "steps_total": ("counter", "engine_steps", "Batched model steps run."),
+    "rows_stepped_total": ("counter", "engine_rows_stepped", "Rows advanced by a step, summed."),
+    "step_batch_sizes": ("histogram", "engine_step_batch_size", "Rows per batched model step."),
+    "generations": ("counter", "engine_generations", "Generations run (the warm-up included)."),
+    "words": ("counter", "generated_words", "Words generated, all samples together."),
+    "cancelled": ("counter", "engine_cancelled", "Generations stopped before their end."),
+    "expired": ("counter", "engine_expired", "Generations dropped at their deadline."),
+    "failed": ("counter", "engine_failed", "Generations that failed."),
+    "rejected": ("counter", "engine_rejected", "Requests refused because the queue was full."),
 }
 
 
-def engine_stats(engine: object) -> dict[str, Any]:
-    """The engine's statistics as a dict: ``engine.stats()`` (or a ``stats`` attribute, a
-    dict or a dataclass), plus ``engine.pending``; empty when the engine has none."""
-    raw: Any = getattr(engine, "stats", None)
-    try:
-        if callable(raw) and not dataclasses.is_dataclass(raw):
-            raw = raw()
-    except Exception:
-        log.warning("engine.stats() failed; its metrics are left out", exc_info=True)
-        return {}
-    if dataclasses.is_dataclass(raw) and not isinstance(raw, type):
-        stats = dataclasses.asdict(raw)
-    elif isinstance(raw, Mapping):
-        stats = dict(raw)
-    else:
-        stats = {}
-    pending = getattr(engine, "pending", None)
-    if isinstance(pending, int) and "pending" not in stats:
-        stats["pending"] = pending
-    return stats
-
-
-def _number(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
 def _batch_histogram(
-    name: str, doc: str, value: object, labels: Mapping[str, str]
-) -> HistogramMetricFamily | None:
-    """``{size: steps}`` (or a list of sizes) as a histogram of rows per step."""
-    if isinstance(value, Mapping):
-        tally = {int(k): int(v) for k, v in value.items()}
-    elif isinstance(value, Iterable) and not isinstance(value, str | bytes):
-        tally = dict(Tally(int(v) for v in value))
-    else:
-        return None
-    buckets, seen = [], 0
+    name: str, doc: str, tally: Mapping[int, int], labels: Mapping[str, str]
+) -> HistogramMetricFamily:
+    """``{size: steps}`` as a histogram of rows per step."""
+    buckets = []
     for bound in BATCH_BUCKETS:
-        seen = sum(n for size, n in tally.items() if size <= bound)
-        buckets.append((str(float(bound)), seen))
+        buckets.append((str(float(bound)), sum(n for size, n in tally.items() if size <= bound)))
     buckets.append(("+Inf", sum(tally.values())))
     total = float(sum(size * n for size, n in tally.items()))
     family = HistogramMetricFamily(name, doc, labels=list(labels))
@@ -167,7 +120,7 @@ class ServiceCollector(Collector):
                 for family in (
                     *self._model(service, labels),
                     *self._sessions(service, labels),
-                    *self._engine(service.engine, labels),
+                    *self._engine(service.engine.stats(), labels),
                 ):
                     _merge(families, family)
             for family in self._reloads(models):
@@ -238,38 +191,20 @@ class ServiceCollector(Collector):
         )
 
     @staticmethod
-    def _engine(engine: object, labels: Mapping[str, str] | None = None) -> Iterator[Metric]:
-        base = dict(labels or {})
-        emitted: set[str] = set()
-        stats = engine_stats(engine)
-        described = {k: v for k, v in stats.items() if isinstance(v, str)}  # the engine kind
-        if described:
-            info = InfoMetricFamily(
-                f"{PREFIX}_engine", "What the engine says of itself.", labels=list(base)
-            )
-            info.add_metric(list(base.values()), described)
-            yield info
-        for key, value in stats.items():
-            kind, name, doc = ENGINE_METRICS.get(key, ("", "", ""))
-            if not kind:  # a statistic this module does not know: shown as it is named
-                name = "engine_" + re.sub(r"[^a-zA-Z0-9_]", "_", key).removesuffix("_total")
-                kind = "counter" if key.endswith("_total") else "gauge"
-                doc = f"The engine's {key!r} statistic."
-            full = f"{PREFIX}_{name}"
-            if full in emitted:
-                continue
-            metric: Metric | None
+    def _engine(stats: EngineStats, labels: Mapping[str, str]) -> Iterator[Metric]:
+        info = InfoMetricFamily(
+            f"{PREFIX}_engine", "What the engine says of itself.", labels=list(labels)
+        )
+        info.add_metric(list(labels.values()), {"engine": stats.engine})
+        yield info
+        for key, (kind, name, doc) in ENGINE_METRICS.items():
+            value, full = getattr(stats, key), f"{PREFIX}_{name}"
             if kind == "histogram":
-                metric = _batch_histogram(full, doc, value, base)
-            elif (number := _number(value)) is None:
-                metric = None
+                yield _batch_histogram(full, doc, value, labels)
             elif kind == "counter":
-                metric = _one(CounterMetricFamily, full, doc, number, base)
+                yield _one(CounterMetricFamily, full, doc, value, labels)
             else:
-                metric = _one(GaugeMetricFamily, full, doc, number, base)
-            if metric is not None:
-                emitted.add(full)
-                yield metric
+                yield _one(GaugeMetricFamily, full, doc, value, labels)
 
 
 class Metrics:

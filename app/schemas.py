@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator
 
+from app.generation import OnUnknown
 from app.text import FinishReason
 
 MAX_RANDOM_SEED = 2**53 - 1  # exact in JavaScript numbers too
@@ -25,7 +26,6 @@ MAX_STOP_CHARS = 100
 SESSION_ID_MAX_CHARS = 64
 MODEL_NAME_MAX_CHARS = 200
 
-OnUnknown = Literal["replace", "error"]
 
 _LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
 

@@ -3,19 +3,17 @@
 `TextService` checks a request against the loaded model and the settings (each problem named
 by its field), turns seed words into ids the way the model's tokenizer cuts them, runs the
 work on the engine, keeps sessions up to date, and builds the responses. One service serves
-one loaded version of one model; ``app/models.py`` keeps them by name and swaps in a new one
+one loaded version of one model; ``app/registry.py`` keeps them by name and swaps in a new one
 when its run folder commits new weights.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
-import json
 import logging
 import math
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -32,48 +30,40 @@ from app.engine import (
     GenerationResult,
     GenerationTimeout,
 )
-from app.errors import ApiError, error_body
+from app.errors import INTERNAL_ERROR, ApiError
+from app.generation import (
+    Failed,
+    Finished,
+    OnUnknown,
+    Seed,
+    TextEvent,
+    TextRequest,
+    TextResult,
+    TextSample,
+)
 from app.schemas import (
     MAX_RANDOM_SEED,
-    GenerateRequest,
-    GenerateResponse,
     InfoResponse,
     Limits,
     NextWordsRequest,
     NextWordsResponse,
-    OnUnknown,
-    Sample,
     ScoredWord,
     ScoreRequest,
     ScoreResponse,
     Served,
     SessionCreate,
     SessionPublic,
-    Usage,
-    WordEventData,
     WordProbability,
 )
 from app.sessions import Session, SessionStore
 from app.settings import Settings
-from app.text import SampleText
-from model_store.network import Hidden, count_parameters
+from model_store.network import count_parameters, hidden_shapes, state_shapes
 from model_store.sampling import SamplingParams
 from model_store.scoring import bits_per_char
 
 log = logging.getLogger("app")
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Seed:
-    """Input words: as given (``tokens``), as ids, as the model saw them, and the unknown ones."""
-
-    tokens: list[str]
-    ids: list[int]
-    seen: list[str]
-    unknown: list[str]
-    sizes: list[int]  # how many ids each word took (a subword model's pieces)
 
 
 @dataclass(frozen=True)
@@ -98,11 +88,6 @@ def _unknown_session(session_id: str, model: str) -> ApiError:
     return ApiError(404, message, [("session_id", "unknown or expired")])
 
 
-def _state_shapes(hidden: Hidden) -> list[tuple[int, ...]]:
-    parts = hidden if isinstance(hidden, tuple) else (hidden,)
-    return [tuple(part.shape) for part in parts]
-
-
 class TextService:
     def __init__(
         self, engine: Engine, sessions: SessionStore, settings: Settings, *, name: str = ""
@@ -114,21 +99,8 @@ class TextService:
         self.model_id = engine.checkpoint.model_id
         self.name = name or engine.checkpoint.run_dir.name
         self.loaded_at = datetime.now(UTC)
-        config = engine.checkpoint.config
-        # A session's state on the CPU: (layers, 1, H), twice for an LSTM's (h, c).
-        self._state_shapes = [(config.layers, 1, config.hidden_dim)] * (
-            2 if config.cell == "lstm" else 1
-        )
-        self.owner: str | None = None  # whose sessions this service sees (see `for_owner`)
-
-    def for_owner(self, owner: str | None) -> TextService:
-        """This service acting for the caller whose API key has the fingerprint ``owner``:
-        the sessions it creates are that caller's, and it sees no one else's."""
-        if owner == self.owner:
-            return self
-        bound = copy.copy(self)
-        bound.owner = owner
-        return bound
+        # A session's state on the CPU: one text's worth.
+        self._state_shapes = state_shapes(engine.checkpoint.config, 1)
 
     # -- shared steps -------------------------------------------------------------------------
 
@@ -153,17 +125,19 @@ class TextService:
         seen = tokens if self.vocab.is_subword else self.vocab.decode(ids)
         return Seed(tokens, ids, seen, unknown, sizes)
 
-    async def _session(self, session_id: str) -> Session:
-        session = await self.sessions.get(session_id, self.owner)
+    async def _session(self, session_id: str, owner: str | None) -> Session:
+        """The session ``session_id`` if the caller whose key has the fingerprint ``owner``
+        may see it (a session is seen only by the key that created it)."""
+        session = await self.sessions.get(session_id, owner)
         if session is None:
             raise _unknown_session(session_id, self.name)
         return session
 
-    async def _continued_session(self, session_id: str) -> Session:
+    async def _continued_session(self, session_id: str, owner: str | None) -> Session:
         """A session to continue on this model: its state must have this model's shapes (a
         session made before a reload to other shapes gets a 409, not a failed step)."""
-        session = await self._session(session_id)
-        shapes = _state_shapes(session.hidden)
+        session = await self._session(session_id, owner)
+        shapes = hidden_shapes(session.hidden)
         if shapes != self._state_shapes:
             raise ApiError(
                 409,
@@ -198,7 +172,7 @@ class TextService:
 
     # -- POST /generate -----------------------------------------------------------------------
 
-    def _check(self, req: GenerateRequest) -> None:
+    def _check(self, req: TextRequest) -> None:
         limits = self.settings
         problems = []
         if req.max_words > limits.max_words:
@@ -214,10 +188,10 @@ class TextService:
         if problems:
             raise ApiError(422, "; ".join(f"{f}: {m}" for f, m in problems), problems)
 
-    async def _plan(self, req: GenerateRequest) -> _Plan:
+    async def _plan(self, req: TextRequest, owner: str | None, stream: bool = False) -> _Plan:
         self._check(req)
         seed = self.encode(req.seed_words, req.on_unknown)
-        session = await self._continued_session(req.session_id) if req.session_id else None
+        session = await self._continued_session(req.session_id, owner) if req.session_id else None
         history: Sequence[str] = session.words if session else ()
         if session is not None:
             total = len(history) + len(seed.tokens) + req.max_words
@@ -241,14 +215,14 @@ class TextService:
             ),
             max_words=req.max_words,
             n=req.n,
-            stop=tuple(req.stop or ()),
+            stop=tuple(req.stop),
             hidden=session.hidden if session else None,
             keep_state=session is not None,
-            stream=req.stream,
+            stream=stream,
         )
         return _Plan(job, seed, session, prefix)
 
-    async def _finish(self, plan: _Plan, result: GenerationResult) -> GenerateResponse:
+    async def _finish(self, plan: _Plan, result: GenerationResult) -> TextResult:
         first = result.samples[0]
         if plan.session is not None:
             assert result.state is not None
@@ -260,65 +234,41 @@ class TextService:
                     "nothing was saved to it",
                     [("session_id", "changed or ended during the request")],
                 )
-        samples = [
-            Sample(
-                index=i,
-                text=plan.prefix + s.text,
-                generated_text=s.text,
-                words=s.words,
-                finish_reason=s.finish_reason,
-            )
-            for i, s in enumerate(result.samples)
-        ]
-        generated = sum(len(s.words) for s in samples)
-        return GenerateResponse(
-            model=self.model_id,
+        return TextResult(
+            model_id=self.model_id,
             random_seed=plan.job.random_seed,
+            seed=plan.seed,
+            prefix=plan.prefix,
+            samples=[
+                TextSample(i, s.words, s.text, s.finish_reason)
+                for i, s in enumerate(result.samples)
+            ],
             session_id=plan.session.id if plan.session else None,
-            seed_words=plan.seed.seen,
-            unknown_words=plan.seed.unknown,
-            text=samples[0].text,
-            generated_text=samples[0].generated_text,
-            words=samples[0].words,
-            finish_reason=samples[0].finish_reason,
-            usage=Usage(
-                seed_words=len(plan.seed.tokens),
-                generated_words=generated,
-                total_words=len(plan.seed.tokens) + generated,
-            ),
-            samples=samples,
         )
 
-    async def generate(self, req: GenerateRequest) -> GenerateResponse:
-        plan = await self._plan(req)
+    async def generate(self, req: TextRequest, *, owner: str | None) -> TextResult:
+        """Run ``req`` to its end; ``owner`` (the caller's key fingerprint) must own its
+        session, if it continues one."""
+        plan = await self._plan(req, owner)
         generation = self._submit(plan.job)
         return await self._finish(plan, await self._model(generation.result()))
 
-    async def generate_noop(self, req: GenerateRequest) -> GenerateResponse:
-        """`generate` without the model: the same checks and the same response, with
-        ``max_words`` copies of one word. The benchmark's HTTP ceiling (``--bench-noop``)."""
-        plan = await self._plan(req)
-        if plan.session is not None:
-            raise ApiError.field("session_id", "the no-op endpoint does not continue sessions")
-        word = self.vocab.spell([len(self.vocab) - 1])
-        sample = _noop_sample(word, self.vocab.join_words, req.max_words)
-        return await self._finish(plan, GenerationResult([sample] * req.n, None))
-
     async def stream(
-        self, req: GenerateRequest, stopping: anyio.Event
-    ) -> AsyncIterator[dict[str, str]]:
-        """Check and start a generation, then return its server-sent events.
+        self, req: TextRequest, stopping: anyio.Event, *, owner: str | None
+    ) -> AsyncIterator[TextEvent]:
+        """Check and start a generation, then return its events: each word as it comes, then
+        `Finished` or `Failed`.
 
         Problems found before the stream starts raise ApiError (a 4xx/503 response); after it
-        has started they become an ``error`` event, as does ``stopping`` (the server shutting
+        has started they become a `Failed` event, as does ``stopping`` (the server shutting
         down), so a stream never just ends short.
         """
-        plan = await self._plan(req)
+        plan = await self._plan(req, owner, stream=True)
         return self._events(plan, self._submit(plan.job), stopping)
 
     async def _events(
         self, plan: _Plan, generation: Generation, stopping: anyio.Event
-    ) -> AsyncIterator[dict[str, str]]:
+    ) -> AsyncIterator[TextEvent]:
         async def stop_when_stopping() -> None:
             await stopping.wait()
             generation.cancel()
@@ -326,21 +276,19 @@ class TextService:
         watcher = asyncio.create_task(stop_when_stopping())
         try:
             async for event in generation.events():
-                data = WordEventData(index=event.index, word=event.word, text=event.text)
-                yield {"event": "word", "data": data.model_dump_json()}
-            response = await self._finish(plan, await self._model(generation.result()))
+                yield event
+            result = await self._finish(plan, await self._model(generation.result()))
         except ApiError as exc:
-            yield {"event": "error", "data": json.dumps(exc.body())}
+            yield Failed(exc)
             return
         except Exception:
             log.exception("generation failed after its stream started")
-            body = error_body("internal error; the server log has the details")
-            yield {"event": "error", "data": json.dumps(body)}
+            yield Failed(ApiError(500, INTERNAL_ERROR))
             return
         finally:
             watcher.cancel()
             generation.cancel()  # nothing to stop if it finished; else its client went away
-        yield {"event": "done", "data": response.model_dump_json()}
+        yield Finished(result)
 
     # -- sessions -----------------------------------------------------------------------------
 
@@ -356,30 +304,30 @@ class TextService:
             unknown_words=list(unknown),
         )
 
-    async def create_session(self, req: SessionCreate) -> SessionPublic:
+    async def create_session(self, req: SessionCreate, *, owner: str | None) -> SessionPublic:
         seed = self.encode(req.seed_words, req.on_unknown)
         if len(seed.tokens) > self.settings.session_max_words:
             raise ApiError.field(
                 "seed_words", f"at most {self.settings.session_max_words} words fit in a session"
             )
         hidden = await self._model(self.engine.prime(seed.ids, None))
-        session = await self.sessions.create(hidden, seed.tokens, self.owner)
+        session = await self.sessions.create(hidden, seed.tokens, owner)
         return self._public(session, seed.unknown)
 
-    async def get_session(self, session_id: str) -> SessionPublic:
-        return self._public(await self._session(session_id))
+    async def get_session(self, session_id: str, *, owner: str | None) -> SessionPublic:
+        return self._public(await self._session(session_id, owner))
 
-    async def delete_session(self, session_id: str) -> None:
-        if not await self.sessions.delete(session_id, self.owner):
+    async def delete_session(self, session_id: str, *, owner: str | None) -> None:
+        if not await self.sessions.delete(session_id, owner):
             raise _unknown_session(session_id, self.name)
 
     # -- suggestions and scoring --------------------------------------------------------------
 
-    async def next_words(self, req: NextWordsRequest) -> NextWordsResponse:
+    async def next_words(self, req: NextWordsRequest, *, owner: str | None) -> NextWordsResponse:
         if req.top_k > len(self.vocab):
             raise ApiError.field("top_k", f"at most {len(self.vocab)} (the vocabulary size)")
         seed = self.encode(req.seed_words, req.on_unknown)
-        session = await self._continued_session(req.session_id) if req.session_id else None
+        session = await self._continued_session(req.session_id, owner) if req.session_id else None
         hidden = session.hidden if session else None
         ranked = await self._model(self.engine.next_words(seed.ids, hidden, req.top_k))
         return NextWordsResponse(
@@ -476,8 +424,3 @@ def _busy(exc: EngineBusy) -> ApiError:
 
 def _stopping() -> ApiError:
     return ApiError(503, "the server is stopping; retry shortly", headers={"Retry-After": "2"})
-
-
-def _noop_sample(word: str, detokenize: Callable[[list[str]], str], count: int) -> SampleText:
-    words = [word] * count
-    return SampleText(words, detokenize(words), "length")

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Protocol
 import safetensors.torch
 
 from app.errors import ApiError, StartupError
-from model_store.network import Hidden
+from model_store.network import Hidden, hidden_from_tensors, hidden_to_tensors
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -316,11 +316,8 @@ async def _unavailable_on_error() -> AsyncIterator[None]:
 
 
 def _hidden_bytes(hidden: Hidden) -> bytes:
-    parts = hidden if isinstance(hidden, tuple) else (hidden,)
-    tensors = {name: t.detach().cpu().contiguous() for name, t in zip("hc", parts, strict=False)}
-    return safetensors.torch.save(tensors)
+    return safetensors.torch.save(hidden_to_tensors(hidden))
 
 
 def _hidden_from_bytes(data: bytes) -> Hidden:
-    tensors = safetensors.torch.load(data)
-    return (tensors["h"], tensors["c"]) if "c" in tensors else tensors["h"]
+    return hidden_from_tensors(safetensors.torch.load(data))

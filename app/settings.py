@@ -3,6 +3,10 @@
 Nothing is read at import time: `Settings()` reads the environment when it is built, by
 `app.main.create_app` or by the command line, whose flags override the environment.
 List settings (CORS origins, API keys) take a comma-separated string or a JSON list.
+
+The fields are the one list of settings: the command line's flags and their help are made
+from them, and a test holds the README's table (names and defaults) against them. So each
+field has a ``description``, which --help shows.
 """
 
 from __future__ import annotations
@@ -89,12 +93,12 @@ class Settings(BaseSettings):
     device: str = Field(
         "auto", description="auto (cuda when present, else cpu), cpu, cuda, cuda:N or mps."
     )
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="The address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="The port to listen on; 0: any free one.")
     root_path: str = Field(
         "", description="The sub-path a reverse proxy serves the app under, e.g. /textgen."
     )
-    log_level: LogLevel = "info"
+    log_level: LogLevel = Field("info", description="The least severe log records written.")
     log_format: LogFormat = Field(
         "text", description="text (uvicorn's lines) or json (one JSON object a line)."
     )
@@ -138,10 +142,11 @@ class Settings(BaseSettings):
         ge=1,
         description="Requests queued or running before new ones get a 503 with Retry-After.",
     )
-    engine: Literal["batched", "naive"] = Field(
+    engine: Literal["batched", "naive", "noop"] = Field(
         "batched",
         description="batched: continuous batching, one forward pass per step for every active "
-        "row; naive: each request generates alone (the baseline, and a fallback).",
+        "row; naive: each request generates alone (the baseline, and a fallback); noop: no "
+        "model, one word repeated (the load benchmark's ceiling; not for serving text).",
     )
     max_batch: int = Field(
         128, ge=1, description="Most rows (samples) the batched engine advances in one step."
@@ -157,12 +162,6 @@ class Settings(BaseSettings):
         gt=0,
         description="A generation still queued or running this long is dropped (504).",
     )
-    bench_noop: bool = Field(
-        False,
-        description="Serve POST /bench/generate-noop: /generate without the model, for "
-        "bench/serve_load.py's HTTP ceiling. Not for production.",
-    )
-
     session_ttl_seconds: float = Field(
         3600.0, gt=0, description="A session ends this long after its last use."
     )
@@ -180,7 +179,9 @@ class Settings(BaseSettings):
     )
 
     cors_origins: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Origins allowed to call the API from a browser."
+        default_factory=list,
+        description="Origins allowed to call the API from a browser (comma-separated or a "
+        "JSON list).",
     )
     # Before api_keys: its validator adds the file's keys.
     api_keys_file: Path | None = Field(

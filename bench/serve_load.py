@@ -18,8 +18,8 @@ Three servers are started in turn, each the real thing (``python -m app``, uvico
 
 - ``batched``: ``--engine batched`` (continuous batching), ``POST /generate``;
 - ``naive``: ``--engine naive`` (each request alone, the lab's way), ``POST /generate``;
-- ``http``: ``--bench-noop``, ``POST /bench/generate-noop``: the same validation and a reply
-  of the same shape and size with no model work, the HTTP ceiling.
+- ``http``: ``--engine noop``, ``POST /generate``: the same route, checks and queue, and a
+  reply of the same shape and size with no model work, the HTTP ceiling.
 
 Each is driven by ``hey`` at each ``--concurrency`` (default 1, 8, 32, 64, 128) with
 ``--requests`` requests of 25 words each, sent in ``--rounds`` rounds (each rounded up to a
@@ -167,21 +167,15 @@ def best_compute(*runs: dict[str, Any]) -> dict[str, Any]:
 def start_server(
     run_dir: Path, mode: str, logdir: Path, threads: int | None, device: str = "cpu"
 ) -> Server:
-    """The server of one mode: its engine, and the no-op route for ``http``."""
-    args = ["--engine", "naive" if mode == "naive" else "batched"]
-    if mode == "http":
-        args.append("--bench-noop")
+    """The server of one mode: its engine (``noop`` for ``http``)."""
+    args = ["--engine", {"http": "noop"}.get(mode, mode)]
     env = {"WORDRNN_TORCH_THREADS": str(threads)} if threads is not None else {}
     return Server(run_dir, mode, logdir, args=args, env=env, device=device)
 
 
-def path_of(mode: str) -> str:
-    return "/bench/generate-noop" if mode == "http" else "/generate"
-
-
-def check_reply(server: Server, path: str) -> None:
+def check_reply(server: Server) -> None:
     """One request before the load: the reply has the words the load asks for."""
-    reply = httpx.post(server.url + path, json=BODY, timeout=60)
+    reply = httpx.post(server.url + "/generate", json=BODY, timeout=60)
     if reply.status_code != 200 or len(reply.json()["words"]) != WORDS:
         raise BenchError(f"unexpected reply: {reply.text[:300]}")
 
@@ -305,15 +299,15 @@ def bench_servers(
     }
     out: dict[str, Any] = {mode: {"levels": []} for mode in modes}
     try:
-        for mode, server in servers.items():
+        for server in servers.values():
             server.wait_ready()
-            check_reply(server, path_of(mode))
-            run_hey(hey, server.url + path_of(mode), Load(8), 200)  # warm-up
+            check_reply(server)
+            run_hey(hey, server.url + "/generate", Load(8), 200)  # warm-up
         for concurrency in levels:
             loads = {mode: Load(concurrency) for mode in modes}
             for _ in range(args.rounds):
                 for mode, server in servers.items():
-                    url = server.url + path_of(mode)
+                    url = server.url + "/generate"
                     run_hey(hey, url, loads[mode], -(-args.requests // args.rounds))
             for mode in modes:
                 level = loads[mode].summary()

@@ -5,7 +5,8 @@ A run folder holds::
     config.json                  format_version, the model config, the training hyperparameters
     vocab.json                   the vocabulary (see vocab.py)
     model-<iteration>.safetensors   the best weights so far (what the server loads)
-    resume-<iteration>.safetensors  the last training state (weights, optimizer, RNG, position)
+    resume-<iteration>.safetensors  the last training state (`ResumeState`: weights, optimizer,
+                                 RNG, position, the hidden state carried mid-epoch)
     manifest.json                names the current weights and resume files, with the sha256
                                  and size of every file above, the corpus digest, word counts,
                                  the best validation perplexity, library versions, times
@@ -42,7 +43,14 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
-from model_store.network import ConfigError, ModelConfig, WordRNN
+from model_store.network import (
+    ConfigError,
+    Hidden,
+    ModelConfig,
+    WordRNN,
+    hidden_from_tensors,
+    hidden_to_tensors,
+)
 from model_store.vocab import Vocab, VocabError
 
 FORMAT_VERSION = 1
@@ -488,3 +496,60 @@ def load_resume(run_dir: Path | str) -> tuple[dict[str, Tensor], dict[str, Any]]
     if not isinstance(state, dict):
         raise CheckpointError(path, "the training state is not a JSON object")
     return tensors, state
+
+
+# ---------------------------------------------------------------------------------------------
+# The training state
+
+
+@dataclass
+class ResumeState:
+    """What a resume file holds, in the trainer's terms. `pack_resume` and `unpack_resume` map it
+    to and from the file's tensor names, so the format is defined here, with the rest of the
+    run folder's, and the trainer only gathers and applies it."""
+
+    weights: dict[str, Tensor]  # `weights_state(model)`
+    optimizer: dict[str, Any]  # `optimizer.state_dict()`
+    scheduler: dict[str, Any] | None
+    progress: dict[str, Any]
+    rng: Tensor  # torch's RNG state, one row per process
+    cuda_rng: Tensor | None  # likewise on CUDA
+    hidden: Hidden | None  # carried mid-epoch, every process's rows: (layers, batch_size, H)
+
+
+def pack_resume(state: ResumeState) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """``state`` as ``commit(resume=...)`` takes it: named tensors and a JSON-able dict."""
+    tensors = {f"model.{k}": v for k, v in state.weights.items()}
+    for pid, values in state.optimizer["state"].items():
+        for name, value in values.items():
+            tensors[f"optim.{pid}.{name}"] = torch.as_tensor(value).detach().cpu()
+    tensors["rng.torch"] = state.rng.cpu()
+    if state.cuda_rng is not None:
+        tensors["rng.cuda"] = state.cuda_rng.cpu()
+    if state.hidden is not None:
+        tensors.update({f"hidden.{k}": v for k, v in hidden_to_tensors(state.hidden).items()})
+    meta = {
+        "progress": state.progress,
+        "optimizer": state.optimizer["param_groups"],
+        "scheduler": state.scheduler,
+    }
+    return tensors, meta
+
+
+def unpack_resume(tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> ResumeState:
+    """The `ResumeState` that ``load_resume``'s tensors and JSON state hold."""
+    optim_state: dict[int, dict[str, Tensor]] = {}
+    for key, tensor in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            optim_state.setdefault(int(pid), {})[name] = tensor
+    hidden = {k.removeprefix("hidden."): v for k, v in tensors.items() if k.startswith("hidden.")}
+    return ResumeState(
+        weights={k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")},
+        optimizer={"state": optim_state, "param_groups": meta["optimizer"]},
+        scheduler=meta["scheduler"],
+        progress=meta["progress"],
+        rng=tensors["rng.torch"],
+        cuda_rng=tensors.get("rng.cuda"),
+        hidden=hidden_from_tensors(hidden) if hidden else None,
+    )

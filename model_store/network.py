@@ -9,6 +9,7 @@ large vocabularies, several times cheaper.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, cast
 
@@ -22,7 +23,9 @@ SoftmaxName = Literal["full", "adaptive"]
 SOFTMAXES: tuple[str, ...] = ("full", "adaptive")
 
 # An LSTM's state is (h, c); the other cells' is h alone. Each is (layers, B, hidden_dim).
+# Only the hidden-state helpers at the end of this module tell the two forms apart.
 Hidden = Tensor | tuple[Tensor, Tensor]
+_PART_NAMES = ("h", "c")
 
 
 class ConfigError(ValueError):
@@ -181,10 +184,7 @@ class WordRNN(nn.Module):
     def init_hidden(self, batch: int) -> Hidden:
         """Zero state for ``batch`` rows, on the model's device and dtype."""
         weight = self.embedding.weight
-        shape = (self.config.layers, batch, self.config.hidden_dim)
-        if self.config.cell == "lstm":
-            return (weight.new_zeros(shape), weight.new_zeros(shape))
-        return weight.new_zeros(shape)
+        return _from_parts([weight.new_zeros(s) for s in state_shapes(self.config, batch)])
 
     def features(self, ids: Tensor, hidden: Hidden | None = None) -> tuple[Tensor, Hidden]:
         """(B, T) ids -> (B, T, H) top-layer outputs and the new hidden state."""
@@ -221,48 +221,94 @@ class WordRNN(nn.Module):
         return self.logits(out), hidden
 
 
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Hidden-state helpers: the one place that knows an LSTM's state is a pair
+
+
+def state_shapes(config: ModelConfig, rows: int) -> list[tuple[int, ...]]:
+    """The shapes a state for ``rows`` texts must have, to refuse a stored state that does not
+    fit the model before it reaches the cell."""
+    shape = (config.layers, rows, config.hidden_dim)
+    return [shape] * (2 if config.cell == "lstm" else 1)
+
+
+def hidden_parts(hidden: Hidden) -> tuple[Tensor, ...]:
+    """``(h,)`` or ``(h, c)``: the state's tensors, for code that treats each part alike."""
+    return hidden if isinstance(hidden, tuple) else (hidden,)
+
+
+def _from_parts(parts: Sequence[Tensor]) -> Hidden:
+    return (parts[0], parts[1]) if len(parts) == 2 else parts[0]
+
+
+def hidden_map(hidden: Hidden, fn: Callable[[Tensor], Tensor]) -> Hidden:
+    """``fn`` applied to every part, keeping the state's form."""
+    return _from_parts([fn(part) for part in hidden_parts(hidden)])
+
+
+def hidden_shapes(hidden: Hidden) -> list[tuple[int, ...]]:
+    """The parts' shapes, comparable with `state_shapes`."""
+    return [tuple(part.shape) for part in hidden_parts(hidden)]
+
+
+def hidden_to_tensors(hidden: Hidden) -> dict[str, Tensor]:
+    """The state as named CPU tensors, ``h`` and (an LSTM's) ``c``, ready for safetensors: the
+    names, not a count, say which form a stored state has."""
+    parts = hidden_parts(hidden)
+    return {n: t.detach().cpu().contiguous() for n, t in zip(_PART_NAMES, parts, strict=False)}
+
+
+def hidden_from_tensors(tensors: Mapping[str, Tensor]) -> Hidden:
+    """The state `hidden_to_tensors` stored. A stored state comes from outside the process (a
+    shared session store, a resume file), so a malformed one is a ValueError that says what is
+    wrong, not a KeyError or a shape error deep in the cell."""
+    names = sorted(tensors)
+    if names not in (["h"], ["c", "h"]):
+        raise ValueError(
+            f"a hidden state holds tensors 'h', or 'h' and 'c' for an LSTM; got {names or 'none'}"
+        )
+    parts = [tensors[name] for name in _PART_NAMES if name in tensors]
+    if parts[0].dim() != 3 or any(part.shape != parts[0].shape for part in parts):
+        described = ", ".join(
+            f"{n} {list(t.shape)}" for n, t in zip(_PART_NAMES, parts, strict=False)
+        )
+        raise ValueError(
+            "a hidden state's tensors are (layers, rows, hidden_dim), the same for h and c; "
+            f"got {described}"
+        )
+    return _from_parts(parts)
+
+
 def top_features(hidden: Hidden) -> Tensor:
     """The top layer's output for the last fed word, read back from the hidden state: (B, H).
 
     For every cell the last time step's output equals the top layer's ``h``, so a generation
     state needs only the hidden state (a few kilobytes) to produce the next word's logits.
     """
-    h = hidden[0] if isinstance(hidden, tuple) else hidden
-    return h[-1]
+    return hidden_parts(hidden)[0][-1]
 
 
 def detach_hidden(hidden: Hidden) -> Hidden:
     """Cut the graph between BPTT windows while keeping the values (truncated BPTT)."""
-    if isinstance(hidden, tuple):
-        return (hidden[0].detach(), hidden[1].detach())
-    return hidden.detach()
+    return hidden_map(hidden, Tensor.detach)
 
 
 def hidden_to(hidden: Hidden, device: torch.device) -> Hidden:
     """``hidden`` on ``device``: a session's state is kept on the CPU between requests."""
-    if isinstance(hidden, tuple):
-        return (hidden[0].to(device), hidden[1].to(device))
-    return hidden.to(device)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    return hidden_map(hidden, lambda part: part.to(device))
 
 
 def hidden_select(hidden: Hidden, rows: Tensor | list[int]) -> Hidden:
     """Rows of a batched hidden state (the batch is dim 1)."""
     index = rows if isinstance(rows, Tensor) else torch.tensor(rows, dtype=torch.long)
-    if isinstance(hidden, tuple):
-        return (
-            hidden[0].index_select(1, index.to(hidden[0].device)),
-            hidden[1].index_select(1, index.to(hidden[1].device)),
-        )
-    return hidden.index_select(1, index.to(hidden.device))
+    return hidden_map(hidden, lambda part: part.index_select(1, index.to(part.device)))
 
 
 def hidden_cat(parts: list[Hidden]) -> Hidden:
     """Join single- or multi-row hidden states into one batch (dim 1)."""
-    if isinstance(parts[0], tuple):
-        pairs = cast(list[tuple[Tensor, Tensor]], parts)
-        return (torch.cat([p[0] for p in pairs], 1), torch.cat([p[1] for p in pairs], 1))
-    return torch.cat(cast(list[Tensor], parts), 1)
+    columns = zip(*(hidden_parts(p) for p in parts), strict=True)
+    return _from_parts([torch.cat(column, 1) for column in columns])

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.engine import Engine, EngineClosed
 from app.engine import batch as batch_module
 from app.main import create_app
-from app.models import Change, ModelRegistry
+from app.registry import Change, ModelRegistry
 from app.sessions import MemorySessionStore, Session
 from app.settings import Settings
 from model_store import checkpoint

@@ -451,6 +451,40 @@ def test_load_resume_verifies_the_file(make_run: MakeRun) -> None:
         checkpoint.load_resume(run_dir)
 
 
+def test_a_training_state_packs_to_the_resume_file_names_and_back() -> None:
+    model = make_model(cell="lstm")
+    optimizer = torch.optim.Adam(model.parameters())
+    model(IDS)[0].sum().backward()
+    optimizer.step()
+    hidden = (torch.randn(1, 4, 8), torch.randn(1, 4, 8))
+    state = checkpoint.ResumeState(
+        weights=checkpoint.weights_state(model),
+        optimizer=optimizer.state_dict(),
+        scheduler=None,
+        progress={"epoch": 1, "window": 3},
+        rng=torch.get_rng_state().unsqueeze(0),
+        cuda_rng=None,
+        hidden=hidden,
+    )
+    tensors, meta = checkpoint.pack_resume(state)
+    # The names are the file format: resume files already written must keep loading.
+    assert {k for k in tensors if not k.startswith(("model.", "optim."))} == {
+        "rng.torch",
+        "hidden.h",
+        "hidden.c",
+    }
+    assert "optim.0.exp_avg" in tensors
+    assert list(meta) == ["progress", "optimizer", "scheduler"]
+    got = checkpoint.unpack_resume(tensors, json.loads(json.dumps(meta)))
+    assert got.progress == state.progress
+    assert got.optimizer["param_groups"] == json.loads(json.dumps(state.optimizer["param_groups"]))
+    assert got.weights.keys() == state.weights.keys()
+    assert got.cuda_rng is None
+    assert isinstance(got.hidden, tuple)
+    assert all(torch.equal(a, b) for a, b in zip(got.hidden, hidden, strict=True))
+    optimizer.load_state_dict(got.optimizer)  # what the trainer does with it
+
+
 # ---------------------------------------------------------------------------------------------
 # Devices
 

@@ -37,7 +37,7 @@ from app.engine import batch as batch_module
 from app.text import Continuation
 from model_store import checkpoint
 from model_store.checkpoint import Checkpoint
-from model_store.network import Hidden
+from model_store.network import hidden_parts
 from model_store.sampling import SamplingParams, prime
 from tests.app_helpers import Gate
 from tests.conftest import build_run
@@ -66,10 +66,6 @@ def job(**fields: Any) -> GenerationJob:
     }
     values.update(fields)
     return GenerationJob(**values)
-
-
-def parts(hidden: Hidden) -> tuple[torch.Tensor, ...]:
-    return hidden if isinstance(hidden, tuple) else (hidden,)
 
 
 # -- batched equals one at a time ----------------------------------------------------------
@@ -174,7 +170,9 @@ def test_batched_generation_equals_one_at_a_time(
         if arrival.job.keep_state:
             assert results[i].state is not None
             assert alone.state is not None
-            for got, want in zip(parts(results[i].state), parts(alone.state), strict=True):
+            for got, want in zip(
+                hidden_parts(results[i].state), hidden_parts(alone.state), strict=True
+            ):
                 assert got.device.type == "cpu"
                 torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     rows = sum(a.job.n * a.job.max_words for a in plan)
@@ -224,8 +222,8 @@ def test_a_client_that_goes_away_is_dropped_at_the_next_step(tiny_run: Path, kin
             with pytest.raises(GenerationCancelled):
                 await endless.result()
             stats = engine.stats()
-            assert stats["active_rows"] == stats["active_requests"] == 0
-            assert stats["cancelled"] == 1
+            assert stats.active_rows == stats.active_requests == 0
+            assert stats.cancelled == 1
             assert engine.pending == 0
             assert len((await engine.submit(job(max_words=3)).result()).samples[0].words) == 3
         finally:
@@ -253,8 +251,8 @@ def test_a_request_past_its_deadline_is_dropped_at_the_next_step(
                 await slow.result()
             assert len((await quick.result()).samples[0].words) == 4
             stats = engine.stats()
-            assert stats["expired"] == 1
-            assert stats["active_rows"] == 0
+            assert stats.expired == 1
+            assert stats.active_rows == 0
             assert engine.pending == 0
         finally:
             await engine.close()
@@ -275,7 +273,7 @@ def test_a_queued_request_past_its_deadline_never_starts(
             first = engine.submit(job(max_words=3))
             await gate.wait_entered()
             queued = engine.submit(job(max_words=3))  # no room: max_batch 1 (or naive)
-            generations = engine.stats()["generations"]
+            generations = engine.stats().generations
             clock.now += 11  # both have waited 11 s
             later = engine.submit(job(max_words=3))
             gate.open()
@@ -283,8 +281,8 @@ def test_a_queued_request_past_its_deadline_never_starts(
                 with pytest.raises(GenerationTimeout):
                     await expired.result()
             assert len((await later.result()).samples[0].words) == 3
-            assert engine.stats()["generations"] == generations + 1  # queued never started
-            assert engine.stats()["expired"] == 2
+            assert engine.stats().generations == generations + 1  # queued never started
+            assert engine.stats().expired == 2
         finally:
             await engine.close()
 
@@ -306,8 +304,8 @@ def test_a_full_queue_refuses_at_once(
                 engine.submit(job())
             with pytest.raises(EngineBusy):
                 await engine.score([2, 3])
-            assert engine.stats()["rejected"] == 2
-            assert engine.stats()["pending"] == 3
+            assert engine.stats().rejected == 2
+            assert engine.stats().pending == 3
             gate.open()
             for generation in held:
                 assert len((await generation.result()).samples[0].words) == 2
@@ -357,7 +355,7 @@ def test_concurrent_generations_are_stepped_together(
             handles: list[Generation] = [engine.submit(jobs[0])]
             await gate.wait_entered()
             handles += [engine.submit(j) for j in jobs[1:]]
-            assert engine.stats()["queue_length"] == 4
+            assert engine.stats().queue_length == 4
             gate.open()
             return [await h.result() for h in handles], engine.stats()
         finally:
@@ -365,9 +363,9 @@ def test_concurrent_generations_are_stepped_together(
 
     results, stats = run(scenario())
     rows = sum(j.n for j in jobs)
-    assert max(stats["step_batch_sizes"]) == rows
+    assert max(stats.step_batch_sizes) == rows
     # After the warm-up's 2 steps: the first alone, then every row at the next step.
-    assert stats["recent_batch_sizes"][2:4] == [jobs[0].n, rows]
+    assert stats.recent_batch_sizes[2:4] == [jobs[0].n, rows]
     loaded = checkpoint.load(tiny_run, "cpu")
     for got, generation in zip(results, jobs, strict=True):
         assert got.samples == run_alone(loaded, generation)[0].samples
@@ -383,16 +381,16 @@ def test_stats_name_what_metrics_read(tiny_run: Path) -> None:
             await engine.close()
 
     stats = run(scenario())
-    assert stats["engine"] == "batched"
-    assert stats["queue_length"] == stats["active_rows"] == stats["pending"] == 0
-    assert stats["max_batch"] == 16
+    assert stats.engine == "batched"
+    assert stats.queue_length == stats.active_rows == stats.pending == 0
+    assert stats.max_batch == 16
     # The warm-up (1 row, 2 steps), then 2 rows for 3 steps.
-    assert stats["steps_total"] == 5
-    assert stats["rows_stepped_total"] == 8
-    assert stats["step_batch_sizes"] == {1: 2, 2: 3}
-    assert stats["recent_batch_sizes"] == [1, 1, 2, 2, 2]
-    assert stats["generations"] == 2
-    assert stats["words"] == 8
+    assert stats.steps_total == 5
+    assert stats.rows_stepped_total == 8
+    assert stats.step_batch_sizes == {1: 2, 2: 3}
+    assert stats.recent_batch_sizes == [1, 1, 2, 2, 2]
+    assert stats.generations == 2
+    assert stats.words == 8
 
 
 def test_an_unknown_engine_is_refused(tiny_run: Path) -> None:
@@ -479,7 +477,7 @@ async def healthy_afterwards(engine: Engine) -> None:
     """The engine goes on serving, and nothing of the failed request is left in it."""
     assert len((await engine.submit(job(max_words=3)).result()).samples[0].words) == 3
     stats = engine.stats()
-    assert stats["active_rows"] == stats["active_requests"] == 0
+    assert stats.active_rows == stats.active_requests == 0
     assert engine.pending == 0
 
 
@@ -505,10 +503,10 @@ def test_a_row_that_fails_fails_its_request_alone(
                 assert (await handle.result()).samples == result.samples
                 assert by_sample(got) == by_sample(alone_events)
             stats = engine.stats()
-            assert stats["failed"] == 1
+            assert stats.failed == 1
             if kind == "batched":  # the fault struck inside a step shared with the others
                 rows = poisoned.n + sum(j.n for j in HEALTHY)
-                assert max(stats["step_batch_sizes"]) == rows
+                assert max(stats.step_batch_sizes) == rows
             await healthy_afterwards(engine)
         finally:
             await engine.close()
@@ -534,7 +532,7 @@ def test_a_seed_id_outside_the_vocabulary_fails_its_request_alone(
                 await bad.result()
             for handle, result in zip([first, *good], expected, strict=True):
                 assert (await handle.result()).samples == result.samples
-            assert engine.stats()["failed"] == 1
+            assert engine.stats().failed == 1
             await healthy_afterwards(engine)
         finally:
             await engine.close()
@@ -567,7 +565,7 @@ def test_a_delivery_that_fails_ends_its_request_alone(
             for handle, result in zip(good, expected, strict=True):
                 assert (await handle.result()).samples == result.samples
             await healthy_afterwards(engine)  # the endless one was dropped: it was cancelled
-            assert engine.stats()["cancelled"] == 1
+            assert engine.stats().cancelled == 1
         finally:
             await engine.close()
 

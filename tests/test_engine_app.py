@@ -19,7 +19,7 @@ from app.__main__ import build_settings, parse_args
 from app.engine import Engine, Generation, GenerationJob
 from app.main import create_app
 from app.settings import Settings
-from tests.app_helpers import Gate, http_scope, settings_for
+from tests.app_helpers import Gate, http_scope, parse_sse, settings_for
 
 
 class Submissions:
@@ -77,7 +77,7 @@ def test_concurrent_requests_are_served_in_shared_steps(
             gate.opened.set()
             together = list(await asyncio.gather(*tasks))
             after = engine.stats()
-        steps = after["recent_batch_sizes"][len(before["recent_batch_sizes"]) :]
+        steps = after.recent_batch_sizes[len(before.recent_batch_sizes) :]
         return alone, together, {"steps": steps, "before": before, "after": after}
 
     alone, together, seen = asyncio.run(scenario())
@@ -88,8 +88,8 @@ def test_concurrent_requests_are_served_in_shared_steps(
     words = sum(len(s["words"]) for r in together for s in r.json()["samples"])
     # Everything that was queued behind the first step joined the second one, together.
     assert max(seen["steps"]) == rows
-    assert seen["after"]["steps_total"] - seen["before"]["steps_total"] < words / 2
-    assert seen["after"]["rows_stepped_total"] - seen["before"]["rows_stepped_total"] == words
+    assert seen["after"].steps_total - seen["before"].steps_total < words / 2
+    assert seen["after"].rows_stepped_total - seen["before"].rows_stepped_total == words
 
 
 def test_a_full_queue_answers_503_at_once_with_retry_after(
@@ -128,7 +128,7 @@ def test_a_full_queue_answers_503_at_once_with_retry_after(
         assert refused_openai.json()["error"]["type"] == "server_error"
         assert health.status_code == 200
         assert [r.status_code for r in done] == [200, 200, 200]
-        assert engine.stats()["rejected"] == 4
+        assert engine.stats().rejected == 4
 
     asyncio.run(scenario())
 
@@ -157,7 +157,7 @@ def test_a_generation_past_its_deadline_is_a_504(
             response = await endless
             assert response.status_code == 504
             assert "within 5 s" in response.json()["detail"]
-            assert app.state.models.default.service.engine.stats()["active_rows"] == 0
+            assert app.state.models.default.service.engine.stats().active_rows == 0
 
     asyncio.run(scenario())
 
@@ -207,9 +207,9 @@ def test_a_client_that_leaves_a_plain_request_cancels_its_generation(
     before, after, answered_while_held = asyncio.run(scenario())
     assert answered_while_held, "the request went on generating after its client left"
     assert sent[0]["status"] == 499
-    assert after["cancelled"] == before["cancelled"] + 1
-    assert after["words"] == before["words"]  # it did not run to its last word
-    assert (after["pending"], after["active_rows"], after["queue_length"]) == (0, 0, 0)
+    assert after.cancelled == before.cancelled + 1
+    assert after.words == before.words  # it did not run to its last word
+    assert (after.pending, after.active_rows, after.queue_length) == (0, 0, 0)
 
 
 def test_both_engines_give_the_same_text(tiny_run: Path) -> None:
@@ -241,27 +241,32 @@ def test_the_engine_is_chosen_by_flag_or_environment(monkeypatch: pytest.MonkeyP
     )
     with pytest.raises(SystemExit):
         parse_args(["--engine", "turbo"])
-    assert build_settings(parse_args(["--model-dir", "r"])).bench_noop is False
-    assert build_settings(parse_args(["--model-dir", "r", "--bench-noop"])).bench_noop is True
+    assert build_settings(parse_args(["--model-dir", "r", "--engine", "noop"])).engine == "noop"
 
 
-def test_the_no_op_endpoint_exists_only_when_asked_for(tiny_run: Path) -> None:
+def test_the_noop_engine_answers_like_the_model_without_running_it(tiny_run: Path) -> None:
     body = {"seed_words": "I can see", "max_words": 25, "n": 2}
     with TestClient(create_app(settings_for(tiny_run))) as client:
-        assert client.post("/bench/generate-noop", json=body).status_code == 404
         real = client.post("/generate", json=body).json()
-    with TestClient(create_app(settings_for(tiny_run, bench_noop=True))) as client:
-        noop = client.post("/bench/generate-noop", json=body)
-        invalid = client.post("/bench/generate-noop", json={"max_words": -1})
-        schema = client.get("/openapi.json").json()
+    with TestClient(create_app(settings_for(tiny_run, engine="noop"))) as client:
+        noop = client.post("/generate", json=body)
+        streamed = client.post("/generate", json={**body, "stream": True})
+        invalid = client.post("/generate", json={"max_words": -1})
         stats = client.app.state.models.default.service.engine.stats()  # type: ignore[attr-defined]
     assert noop.status_code == 200
-    assert set(noop.json()) == set(real)
-    assert len(noop.json()["words"]) == 25
-    assert noop.json()["usage"] == real["usage"]
+    answer = noop.json()
+    assert set(answer) == set(real)
+    assert len(answer["words"]) == 25
+    assert answer["usage"] == real["usage"]
+    assert answer["text"].startswith("I can see")
+    frames = parse_sse(streamed.text)
+    words = [data for name, data in frames if name == "word"]
+    assert len(words) == 2 * 25
+    done = [data for name, data in frames if name == "done"]
+    assert "".join(w["text"] for w in words if w["index"] == 0) == done[0]["generated_text"]
     assert invalid.status_code == 422
-    assert "/bench/generate-noop" not in schema["paths"]
-    assert stats["generations"] == 1  # the warm-up alone: no model work
+    assert stats.steps_total == 0  # no model step, the warm-up included
+    assert stats.generations == 1 + 2  # the warm-up and the two requests
 
 
 def test_the_load_benchmark_says_when_hey_is_missing(

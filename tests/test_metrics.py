@@ -5,15 +5,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.engine import EngineStats
 from app.main import create_app
-from app.metrics import ServiceCollector, engine_stats
+from app.metrics import ENGINE_METRICS, ServiceCollector
 from tests.app_helpers import settings_for
 
 Labels = tuple[tuple[str, str], ...]
@@ -103,13 +102,20 @@ def test_model_readiness_and_sessions(client: TestClient) -> None:
 
 def test_every_engine_statistic_is_exported(client: TestClient) -> None:
     service = client.app.state.models.default.service  # type: ignore[attr-defined]
-    stats = engine_stats(service.engine)
-    assert stats, "the engine reports no statistics"
-    names = {name for name, _ in scrape(client)}
-    exported = " ".join(sorted(names))
-    for key, stat in stats.items():
-        if isinstance(stat, int | float) and not isinstance(stat, bool):
-            assert any(key.removesuffix("_total") in name for name in names), (key, exported)
+    stats = service.engine.stats()
+    samples = scrape(client)
+    names = {name for name, _ in samples}
+    shown_otherwise = {"engine", "recent_batch_sizes"}  # a label; the histogram's last steps
+    for field in dataclasses.fields(EngineStats):
+        if field.name in shown_otherwise:
+            continue
+        kind, name, _ = ENGINE_METRICS[field.name]
+        full = f"wordrnn_{name}" + ("_total" if kind == "counter" else "")
+        if kind == "histogram":
+            full += "_count"
+        assert full in names, (field.name, sorted(names))
+    info = value(samples, "wordrnn_engine_info", model=service.name, engine=stats.engine)
+    assert info == 1
 
 
 def test_openmetrics_is_served_when_asked_for(client: TestClient) -> None:
@@ -139,28 +145,27 @@ def test_apps_do_not_share_counts(tiny_run: Path, client: TestClient) -> None:
 # -- the engine's statistics, read at scrape time ---------------------------------------------
 
 
-def collect(engine: object) -> dict[str, Any]:
-    """The families the collector makes for a service around ``engine``, by name."""
-    state = SimpleNamespace(service=SimpleNamespace(engine=engine, sessions=None))
-    collector = ServiceCollector(state)
-    return {family.name: family for family in collector._engine(engine)}
-
-
 def test_engine_stats_become_gauges_counters_and_a_batch_size_histogram() -> None:
-    engine = SimpleNamespace(
-        stats=lambda: {
-            "engine": "batched",
-            "queue_length": 3,
-            "active_rows": 12,
-            "steps_total": 40,
-            "rows_stepped_total": 130,
-            "step_batch_sizes": {1: 10, 4: 20, 5: 10},
-            "recent_batch_sizes": [4, 4, 5],
-            "words": 125,
-            "rejected": 2,
-        }
+    stats = EngineStats(
+        engine="batched",
+        queue_length=3,
+        active_requests=2,
+        active_rows=12,
+        pending=5,
+        max_pending=256,
+        max_batch=128,
+        steps_total=40,
+        rows_stepped_total=130,
+        step_batch_sizes={1: 10, 4: 20, 5: 10},
+        recent_batch_sizes=[4, 4, 5],
+        generations=7,
+        words=125,
+        cancelled=0,
+        expired=0,
+        failed=0,
+        rejected=2,
     )
-    families = collect(engine)
+    families = {f.name: f for f in ServiceCollector._engine(stats, {"model": "m"})}
     assert families["wordrnn_engine_queue_length"].type == "gauge"
     assert families["wordrnn_engine_queue_length"].samples[0].value == 3
     assert families["wordrnn_engine_active_rows"].samples[0].value == 12
@@ -177,26 +182,5 @@ def test_engine_stats_become_gauges_counters_and_a_batch_size_histogram() -> Non
     assert buckets["+Inf"] == 40
     total = [s.value for s in histogram.samples if s.name.endswith("_sum")]
     assert total == [1 * 10 + 4 * 20 + 5 * 10]
-    assert families["wordrnn_engine"].samples[0].labels == {"engine": "batched"}
+    assert families["wordrnn_engine"].samples[0].labels == {"model": "m", "engine": "batched"}
     assert not any("engine_engine" in name or "recent" in name for name in families)
-
-
-def test_an_engine_without_stats_or_with_failing_stats_is_tolerated() -> None:
-    assert collect(SimpleNamespace()) == {}
-
-    def broken() -> dict[str, int]:
-        raise RuntimeError("not now")
-
-    assert collect(SimpleNamespace(stats=broken)) == {}
-
-
-def test_engine_counters_as_a_dataclass_attribute_are_read() -> None:
-    @dataclasses.dataclass
-    class Counters:
-        generations: int = 2
-        words: int = 50
-
-    families = collect(SimpleNamespace(stats=Counters(), pending=1))
-    assert families["wordrnn_engine_generations"].samples[0].value == 2
-    assert families["wordrnn_generated_words"].samples[0].value == 50
-    assert families["wordrnn_engine_pending_jobs"].samples[0].value == 1

@@ -13,13 +13,17 @@ from torch import nn
 from model_store.network import (
     CELLS,
     ConfigError,
-    Hidden,
     ModelConfig,
     WordRNN,
     adaptive_cutoffs,
     detach_hidden,
     hidden_cat,
+    hidden_from_tensors,
+    hidden_parts,
     hidden_select,
+    hidden_shapes,
+    hidden_to_tensors,
+    state_shapes,
     top_features,
 )
 
@@ -32,11 +36,6 @@ def make_model(seed: int = 0, **kwargs: Any) -> WordRNN:
     config.update(kwargs)
     torch.manual_seed(seed)
     return WordRNN(ModelConfig(**config))
-
-
-def hidden_shapes(hidden: Hidden) -> list[tuple[int, ...]]:
-    parts = hidden if isinstance(hidden, tuple) else (hidden,)
-    return [tuple(h.shape) for h in parts]
 
 
 ALL_VARIANTS = pytest.mark.parametrize(
@@ -104,7 +103,7 @@ def test_loss_is_the_mean_negative_log_probability(softmax: str) -> None:
 def test_init_hidden_is_zeros_on_the_model_dtype(cell: str) -> None:
     model = make_model(cell=cell, layers=2).double()
     hidden = model.init_hidden(3)
-    parts = hidden if isinstance(hidden, tuple) else (hidden,)
+    parts = hidden_parts(hidden)
     assert len(parts) == (2 if cell == "lstm" else 1)
     assert all(p.dtype == torch.float64 and p.shape == (2, 3, DIM) for p in parts)
     assert all(not p.any() for p in parts)
@@ -232,8 +231,8 @@ def test_hidden_select_and_cat_rebuild_the_batch(cell: str) -> None:
     model = make_model(cell=cell, layers=2)
     _, hidden = model.features(torch.randint(VOCAB, (3, 4)))
     rebuilt = hidden_cat([hidden_select(hidden, [i]) for i in (0, 1, 2)])
-    parts = zip(*(h if isinstance(h, tuple) else (h,) for h in (hidden, rebuilt)), strict=True)
-    assert all(torch.equal(a, b) for a, b in parts)
+    pairs = zip(hidden_parts(hidden), hidden_parts(rebuilt), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
 
 
 def test_detach_hidden_keeps_values_and_cuts_the_graph() -> None:
@@ -244,3 +243,44 @@ def test_detach_hidden_keeps_values_and_cuts_the_graph() -> None:
     assert isinstance(detached, tuple)
     assert all(d.grad_fn is None for d in detached)
     assert all(torch.equal(d, h) for d, h in zip(detached, hidden, strict=True))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_state_shapes_are_the_shapes_the_cell_returns(cell: str) -> None:
+    model = make_model(cell=cell, layers=2)
+    _, hidden = model.features(torch.randint(VOCAB, (3, 4)))
+    expected = [(2, 3, DIM)] * (2 if cell == "lstm" else 1)
+    assert state_shapes(model.config, 3) == hidden_shapes(hidden) == expected
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_named_tensors_round_trip_every_cell(cell: str) -> None:
+    model = make_model(cell=cell, layers=2)
+    _, hidden = model.features(torch.randint(VOCAB, (3, 4)))
+    tensors = hidden_to_tensors(hidden)
+    assert list(tensors) == (["h", "c"] if cell == "lstm" else ["h"])
+    assert all(t.grad_fn is None and t.is_contiguous() for t in tensors.values())
+    restored = hidden_from_tensors(tensors)
+    assert isinstance(restored, tuple) == isinstance(hidden, tuple)
+    pairs = zip(hidden_parts(restored), hidden_parts(hidden), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+
+
+STATE = torch.zeros(2, 1, DIM)
+
+
+@pytest.mark.parametrize(
+    ("tensors", "message"),
+    [
+        ({}, r"'h', or 'h' and 'c'.*got none"),
+        ({"c": STATE}, r"got \['c'\]"),
+        ({"h": STATE, "x": STATE}, r"got \['h', 'x'\]"),
+        ({"h": STATE, "c": torch.zeros(2, 1, DIM + 1)}, r"h \[2, 1, 16\], c \[2, 1, 17\]"),
+        ({"h": torch.zeros(1, DIM)}, r"\(layers, rows, hidden_dim\).*h \[1, 16\]"),
+    ],
+)
+def test_a_malformed_state_is_a_value_error_that_says_why(
+    tensors: dict[str, torch.Tensor], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        hidden_from_tensors(tensors)

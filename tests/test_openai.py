@@ -15,6 +15,9 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
+from app.engine.handles import WordEvent
+from app.errors import ApiError
+from app.generation import Failed
 from app.main import create_app
 from tests.app_helpers import settings_for
 
@@ -338,12 +341,10 @@ def test_a_refused_prompt_of_several_is_named_by_its_position(
 def test_a_failure_after_the_stream_started_is_an_error_chunk(
     client: TestClient, sdk: openai.OpenAI, model: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def failing(req: object, stopping: object) -> Any:
+    async def failing(req: object, stopping: object, *, owner: str | None) -> Any:
         async def events() -> Any:
-            word = {"index": 0, "word": "the", "text": " the"}
-            yield {"event": "word", "data": json.dumps(word)}
-            stopped = {"detail": "the server is stopping; retry shortly", "errors": []}
-            yield {"event": "error", "data": json.dumps(stopped)}
+            yield WordEvent(0, "the", " the")
+            yield Failed(ApiError(503, "the server is stopping; retry shortly"))
 
         return events()
 

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model_store.network import CELLS, Hidden, ModelConfig, WordRNN, hidden_select
+from model_store.network import CELLS, Hidden, ModelConfig, WordRNN, hidden_parts, hidden_select
 from model_store.sampling import (
     SamplingParams,
     advance,
@@ -42,12 +42,8 @@ def random_logits(seed: int, rows: int = 1) -> torch.Tensor:
     return torch.randn(rows, VOCAB, generator=make_generator(seed)) * 3  # (B, V)
 
 
-def parts(hidden: Hidden) -> tuple[torch.Tensor, ...]:
-    return hidden if isinstance(hidden, tuple) else (hidden,)
-
-
 def assert_same_hidden(a: Hidden, b: Hidden) -> None:
-    for x, y in zip(parts(a), parts(b), strict=True):
+    for x, y in zip(hidden_parts(a), hidden_parts(b), strict=True):
         torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
 
 

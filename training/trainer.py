@@ -29,7 +29,14 @@ import torch
 from torch import Tensor
 
 from model_store import checkpoint, sampling
-from model_store.network import Hidden, WordRNN, count_parameters, detach_hidden
+from model_store.network import (
+    Hidden,
+    WordRNN,
+    count_parameters,
+    detach_hidden,
+    hidden_map,
+    hidden_to,
+)
 from model_store.vocab import Vocab
 from training.config import TrainConfig
 from training.data import Dataset, batchify, eval_rows, windows
@@ -228,34 +235,23 @@ class Trainer:
 
     def restore(self, tensors: dict[str, Tensor], state: dict[str, Any]) -> None:
         """Load a resume state written by ``_resume_state`` (see ``Trainer.resume`` in cli)."""
-        model_state = {
-            k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")
-        }
-        checkpoint.check_state(self.model, model_state, self.run_dir)
-        self.model.load_state_dict(model_state, strict=not self.model_config.tie_weights)
-        optim = state["optimizer"]
-        optim_state: dict[int, dict[str, Tensor]] = {}
-        for key, tensor in tensors.items():
-            if key.startswith("optim."):
-                _, pid, name = key.split(".", 2)
-                optim_state.setdefault(int(pid), {})[name] = tensor
-        self.optimizer.load_state_dict({"state": optim_state, "param_groups": optim})
+        resume = checkpoint.unpack_resume(tensors, state)
+        checkpoint.check_state(self.model, resume.weights, self.run_dir)
+        self.model.load_state_dict(resume.weights, strict=not self.model_config.tie_weights)
+        self.optimizer.load_state_dict(resume.optimizer)
         if self.scheduler is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        self.progress = Progress(**{**state["progress"], "stop_reason": None})
+            self.scheduler.load_state_dict(resume.scheduler)
+        self.progress = Progress(**{**resume.progress, "stop_reason": None})
         rows = self.dist.rows(self.config.batch_size)
-        if "hidden.h" in tensors:  # (layers, batch_size, hidden): this rank's rows
-            h = tensors["hidden.h"][:, rows].to(self.device)
-            self.hidden = (
-                (h, tensors["hidden.c"][:, rows].to(self.device)) if "hidden.c" in tensors else h
-            )
-        rng = tensors["rng.torch"]  # (processes, state) rows by rank
+        if resume.hidden is not None:  # (layers, batch_size, hidden): this rank's rows
+            self.hidden = hidden_to(hidden_map(resume.hidden, lambda t: t[:, rows]), self.device)
+        rng = resume.rng  # (processes, state) rows by rank
         if rng.shape[0] == self.dist.world_size:
             torch.set_rng_state(rng[self.dist.rank].clone())  # a view of row 1 crashes it
         else:  # resumed with another process count: a fresh, still deterministic stream
             torch.manual_seed(self.config.seed + self.dist.rank + self.progress.iteration)
-        if self.device.type == "cuda" and "rng.cuda" in tensors:
-            cuda_rng = tensors["rng.cuda"]
+        if self.device.type == "cuda" and resume.cuda_rng is not None:
+            cuda_rng = resume.cuda_rng
             if cuda_rng.shape[0] == self.dist.world_size:
                 torch.cuda.set_rng_state(cuda_rng[self.dist.rank].clone(), self.device)
         self._reload_metrics()
@@ -475,30 +471,30 @@ class Trainer:
     # ----------------------------------------------------------------------------- files
 
     def _resume_state(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        tensors: dict[str, Tensor] = {
-            f"model.{k}": v for k, v in checkpoint.weights_state(self.model).items()
-        }
-        optim = self.optimizer.state_dict()
-        for pid, values in optim["state"].items():
-            for name, value in values.items():
-                tensors[f"optim.{pid}.{name}"] = torch.as_tensor(value).detach().cpu()
+        """The state a resume file holds; a collective, as it gathers every rank's RNG state
+        and rows of the carried hidden state."""
         gather = self.dist.gather
         rng = torch.get_rng_state().to(self.device if self.device.type == "cuda" else "cpu")
-        tensors["rng.torch"] = gather(rng.unsqueeze(0), 0).cpu()  # (processes, state)
+        rngs = gather(rng.unsqueeze(0), 0)  # (processes, state)
+        cuda_rngs = None
         if self.device.type == "cuda":
             cuda_rng = torch.cuda.get_rng_state(self.device).to(self.device)
-            tensors["rng.cuda"] = gather(cuda_rng.unsqueeze(0), 0).cpu()
+            cuda_rngs = gather(cuda_rng.unsqueeze(0), 0)
+        hidden = None
         mid_epoch = self.dist.any(self.hidden is not None and self.progress.window > 0)
         if mid_epoch and self.hidden is not None:  # every rank's rows: (layers, batch, hidden)
-            parts = self.hidden if isinstance(self.hidden, tuple) else (self.hidden,)
-            for name, part in zip(("hidden.h", "hidden.c"), parts, strict=False):
-                tensors[name] = gather(part.detach(), 1).cpu().contiguous()
-        state = {
-            "progress": asdict(self.progress),
-            "optimizer": optim["param_groups"],
-            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-        }
-        return tensors, state
+            hidden = hidden_map(self.hidden, lambda t: gather(t.detach(), 1))
+        return checkpoint.pack_resume(
+            checkpoint.ResumeState(
+                weights=checkpoint.weights_state(self.model),
+                optimizer=self.optimizer.state_dict(),
+                scheduler=self.scheduler.state_dict() if self.scheduler else None,
+                progress=asdict(self.progress),
+                rng=rngs,
+                cuda_rng=cuda_rngs,
+                hidden=hidden,
+            )
+        )
 
     def _manifest_info(self) -> dict[str, Any]:
         p = self.progress

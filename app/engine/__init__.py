@@ -9,7 +9,8 @@ Three parts, one module each:
 - `app.engine.batch`: thread-free stepping of many requests' rows together (`Batch`), and of
   one request alone (`generate_alone`), with the same per-row step.
 - `app.engine.scheduler`: the inference thread (`Engine`: loading, admission, one-off model
-  work) and its two ways to schedule generations (`BatchedEngine`, `NaiveEngine`).
+  work, its `EngineStats`) and its ways to schedule generations (`BatchedEngine`,
+  `NaiveEngine`, and `NoopEngine` for the benchmark's ceiling).
 """
 
 from app.engine.batch import Batch, generate_alone
@@ -24,7 +25,14 @@ from app.engine.handles import (
     GenerationTimeout,
     WordEvent,
 )
-from app.engine.scheduler import ENGINES, BatchedEngine, Engine, NaiveEngine
+from app.engine.scheduler import (
+    ENGINES,
+    BatchedEngine,
+    Engine,
+    EngineStats,
+    NaiveEngine,
+    NoopEngine,
+)
 
 __all__ = [
     "ENGINES",
@@ -33,6 +41,7 @@ __all__ = [
     "Engine",
     "EngineBusy",
     "EngineClosed",
+    "EngineStats",
     "Generation",
     "GenerationCancelled",
     "GenerationFailed",
@@ -40,6 +49,7 @@ __all__ = [
     "GenerationResult",
     "GenerationTimeout",
     "NaiveEngine",
+    "NoopEngine",
     "WordEvent",
     "generate_alone",
 ]

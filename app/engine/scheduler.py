@@ -3,13 +3,14 @@
 `Engine.start` loads and verifies the run folder on that thread (so CUDA work never leaves
 it), warms it up with one generation, and from then on runs every piece of model work there,
 under ``torch.inference_mode()``. The event loop only queues work and is handed the results,
-so it keeps answering (``/healthz``) while the model works. Two engines share that frame:
+so it keeps answering (``/healthz``) while the model works. Three engines share that frame:
 
 - ``batched`` (`BatchedEngine`, the default): continuous batching. Each step advances every
   active sequence of a `Batch` in one forward pass; requests that arrive join at the next
   step, and rows that finish leave at once.
 - ``naive`` (`NaiveEngine`): each generation runs alone from its first word to its last, the
   lab's way (`generate_alone`); the baseline of ``bench/serve_load.py`` and a fallback.
+- ``noop`` (`NoopEngine`): no model at all, one word repeated: the benchmark's ceiling.
 
 Admission is bounded: with ``max_pending`` requests queued or running, `Engine.submit` raises
 `EngineBusy` at once instead of letting latency grow. `Engine.stats` gives the queue length,
@@ -48,6 +49,7 @@ from app.engine.handles import (
     failure,
 )
 from app.errors import StartupError
+from app.text import SampleText
 from model_store import checkpoint, scoring
 from model_store.checkpoint import Checkpoint, CheckpointError
 from model_store.network import Hidden, hidden_to
@@ -57,7 +59,6 @@ log = logging.getLogger("app")
 
 T = TypeVar("T")
 Clock = Callable[[], float]
-ENGINE_KINDS: tuple[str, ...] = ("batched", "naive")
 
 RECENT_STEPS = 1024  # step batch sizes kept for stats()
 
@@ -75,6 +76,29 @@ class EngineCounters:
     rejected: int = 0
     steps: int = 0
     rows_stepped: int = 0
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What the engine is doing and has done, as the metrics read it."""
+
+    engine: str  # the kind
+    queue_length: int  # generations and calls waiting
+    active_requests: int
+    active_rows: int
+    pending: int  # queued or running
+    max_pending: int
+    max_batch: int
+    steps_total: int
+    rows_stepped_total: int
+    step_batch_sizes: dict[int, int]  # rows in a step -> steps run at that size
+    recent_batch_sizes: list[int]  # the last steps' sizes, oldest first
+    generations: int
+    words: int
+    cancelled: int
+    expired: int
+    failed: int
+    rejected: int
 
 
 @dataclass(eq=False)
@@ -152,7 +176,7 @@ class Engine:
         """
         engine_cls: type[Engine] | None = cls if cls.kind else ENGINES.get(kind)
         if engine_cls is None:
-            raise ValueError(f"engine must be one of {', '.join(ENGINE_KINDS)} (got {kind!r})")
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)} (got {kind!r})")
         if max_pending < 1 or max_batch < 1 or not timeout_seconds > 0:
             raise ValueError("max_pending and max_batch must be >= 1, timeout_seconds > 0")
         executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="inference")
@@ -212,33 +236,29 @@ class Engine:
         """Requests and calls queued or running."""
         return self._pending
 
-    def stats(self) -> dict[str, Any]:
-        """A snapshot for metrics: the queue, the active rows, the steps and their sizes.
-
-        ``step_batch_sizes`` maps a batch size to the number of steps run at that size since
-        the start; ``recent_batch_sizes`` lists the sizes of the last steps, oldest first.
-        """
+    def stats(self) -> EngineStats:
+        """A snapshot for metrics (``app/metrics.py`` exports every field)."""
         c = self.counters
         with self._cond:
-            return {
-                "engine": self.kind,
-                "queue_length": len(self._waiting) + len(self._calls),
-                "active_requests": self._active_requests,
-                "active_rows": self._active_rows,
-                "pending": self._pending,
-                "max_pending": self.max_pending,
-                "max_batch": self.max_batch,
-                "steps_total": c.steps,
-                "rows_stepped_total": c.rows_stepped,
-                "step_batch_sizes": dict(sorted(self._sizes.items())),
-                "recent_batch_sizes": list(self._recent),
-                "generations": c.generations,
-                "words": c.words,
-                "cancelled": c.cancelled,
-                "expired": c.expired,
-                "failed": c.failed,
-                "rejected": c.rejected,
-            }
+            return EngineStats(
+                engine=self.kind,
+                queue_length=len(self._waiting) + len(self._calls),
+                active_requests=self._active_requests,
+                active_rows=self._active_rows,
+                pending=self._pending,
+                max_pending=self.max_pending,
+                max_batch=self.max_batch,
+                steps_total=c.steps,
+                rows_stepped_total=c.rows_stepped,
+                step_batch_sizes=dict(sorted(self._sizes.items())),
+                recent_batch_sizes=list(self._recent),
+                generations=c.generations,
+                words=c.words,
+                cancelled=c.cancelled,
+                expired=c.expired,
+                failed=c.failed,
+                rejected=c.rejected,
+            )
 
     # -- submitting (on the event loop) -------------------------------------------------------
 
@@ -562,7 +582,39 @@ class NaiveEngine(Engine):
                 self._active_rows = self._active_requests = 0
 
 
-ENGINES: dict[str, type[Engine]] = {"batched": BatchedEngine, "naive": NaiveEngine}
+class NoopEngine(Engine):
+    """Every generation answered at once with ``max_words`` copies of one word, without the
+    model: what HTTP, the checks and the queue cost on their own (the ceiling of
+    ``bench/serve_load.py``). Sessions keep their state; calls (scores, sessions) still run
+    the model. Not for serving text."""
+
+    kind = "noop"
+
+    def _take(self) -> list[Generation]:
+        joining = list(self._waiting)
+        self._waiting.clear()
+        return joining
+
+    def _work(self, joining: list[Generation]) -> None:
+        join, word = self.vocab.join_words, self.vocab.spell([len(self.vocab) - 1])
+        again = join([word, word])[len(join([word])) :]  # what the word adds after itself
+        for generation in joining:
+            self.counters.generations += 1
+            job = generation.job
+            context = list(job.context)
+            first = join([*context, word])[len(join(context)) :]
+            pieces = [first, *[again] * (job.max_words - 1)][: job.max_words]
+            sample = SampleText([word] * job.max_words, "".join(pieces), "length")
+            events = [WordEvent(i, word, p) for i in range(job.n) for p in pieces]
+            result = GenerationResult([sample] * job.n, job.hidden if job.keep_state else None)
+            self._finish(generation, result, events if job.stream else ())
+
+
+ENGINES: dict[str, type[Engine]] = {
+    "batched": BatchedEngine,
+    "naive": NaiveEngine,
+    "noop": NoopEngine,
+}
 
 
 def _run_all(items: list[Callable[[], None]]) -> None:

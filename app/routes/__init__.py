@@ -9,7 +9,7 @@ from fastapi import APIRouter
 
 from app import metrics
 from app.deps import key_required
-from app.routes import generate, openai, playground, sessions, status, suggest
+from app.routes import generate, openai, playground, probabilities, sessions, status
 from app.settings import Settings
 
 
@@ -24,7 +24,7 @@ def api_router(settings: Settings) -> APIRouter:
         metrics.router,
         generate.router,
         sessions.router,
-        suggest.router,
+        probabilities.router,
         status.info_router,
         openai.router,
     ):

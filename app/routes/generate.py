@@ -18,7 +18,8 @@ from starlette.types import Receive
 
 from app.deps import ModelsDep
 from app.errors import ApiError
-from app.routes.responses import component, errors, json_data
+from app.native import generate_response, sse_events, text_request
+from app.routes.docs import component, errors, json_data
 from app.schemas import GenerateRequest, GenerateResponse, WordEventData
 
 T = TypeVar("T")
@@ -141,14 +142,20 @@ async def generate(
     The seed words are fed in one forward pass; then each step samples from the top-k words
     (after temperature and top-p) and feeds the chosen word back, carrying the hidden state.
     """
+    asked = text_request(req)
     if req.stream:
         stopping = anyio.Event()
         return EventSourceResponse(
-            await models.stream(req.model, lambda service: service.stream(req, stopping)),
+            sse_events(
+                await models.stream(
+                    req.model,
+                    lambda service: service.stream(asked, stopping, owner=models.owner),
+                )
+            ),
             headers=SSE_HEADERS,
             sep="\n",
             shutdown_event=stopping,
             shutdown_grace_period=SHUTDOWN_GRACE_SECONDS,
         )
-    work = models.run(req.model, lambda service: service.generate(req))
-    return await cancelled_on_disconnect(request, work)
+    work = models.run(req.model, lambda service: service.generate(asked, owner=models.owner))
+    return generate_response(await cancelled_on_disconnect(request, work))

@@ -1,4 +1,4 @@
-"""``/v1/completions`` and ``/v1/models``: the OpenAI-compatible API (see ``app/completions.py``).
+"""``/v1/completions`` and ``/v1/models``: the OpenAI-compatible API (see ``app/openai/``).
 
 Every error under ``/v1/``, including a bad body, a missing API key, a model still loading or
 a refusal by the middleware, is answered with OpenAI's error body: ``app.errors`` picks the
@@ -14,18 +14,18 @@ from fastapi import APIRouter, Body, Path, Request
 from fastapi.openapi.models import Example
 from sse_starlette import EventSourceResponse
 
-from app.completions import (
+from app.deps import ModelsDep
+from app.openai.cards import model_card
+from app.openai.completions import Completions
+from app.openai.protocol import (
     Completion,
     CompletionRequest,
-    Completions,
-    Model,
+    ModelCard,
     ModelList,
     OpenAIErrorResponse,
-    model_card,
 )
-from app.deps import ModelsDep
+from app.routes.docs import RETRY_AFTER, component, json_data
 from app.routes.generate import SHUTDOWN_GRACE_SECONDS, SSE_HEADERS, cancelled_on_disconnect
-from app.routes.responses import RETRY_AFTER, component, json_data
 from app.schemas import MODEL_NAME_MAX_CHARS
 from app.serving import TextService
 
@@ -156,9 +156,9 @@ async def list_models(models: ModelsDep) -> ModelList:
     return ModelList(data=[model_card(models.service(name), registry) for name in names])
 
 
-@router.get("/models/{model}", response_model=Model, responses=ERRORS, summary="Show a model")
+@router.get("/models/{model}", response_model=ModelCard, responses=ERRORS, summary="Show a model")
 async def get_model(
     model: Annotated[str, Path(max_length=MODEL_NAME_MAX_CHARS)], models: ModelsDep
-) -> Model:
+) -> ModelCard:
     """One model's card, by its id or name."""
     return model_card(models.service(model), models.registry)

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Body, Path, Query, Response
 from fastapi.openapi.models import Example
 
 from app.deps import ModelsDep
-from app.routes.responses import errors
+from app.routes.docs import errors
 from app.schemas import MODEL_NAME_MAX_CHARS, SESSION_ID_MAX_CHARS, SessionCreate, SessionPublic
 
 router = APIRouter(prefix="/sessions", tags=["sessions"])
@@ -45,7 +45,9 @@ async def create_session(
 ) -> SessionPublic:
     """Feed the seed words and keep the hidden state; continue it with `POST /generate`
     (on the same `model`)."""
-    return await models.run(req.model, lambda service: service.create_session(req))
+    return await models.run(
+        req.model, lambda service: service.create_session(req, owner=models.owner)
+    )
 
 
 @router.get(
@@ -58,7 +60,9 @@ async def get_session(
     session_id: SessionId, models: ModelsDep, model: ModelName = None
 ) -> SessionPublic:
     """The session's words so far and when it expires (each use moves that on)."""
-    return await models.run(model, lambda service: service.get_session(session_id))
+    return await models.run(
+        model, lambda service: service.get_session(session_id, owner=models.owner)
+    )
 
 
 @router.delete(
@@ -71,5 +75,5 @@ async def get_session(
 async def delete_session(
     session_id: SessionId, models: ModelsDep, model: ModelName = None
 ) -> Response:
-    await models.run(model, lambda service: service.delete_session(session_id))
+    await models.run(model, lambda service: service.delete_session(session_id, owner=models.owner))
     return Response(status_code=204)

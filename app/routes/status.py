@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from app.deps import ModelsDep, ServiceDep
-from app.routes.responses import errors
+from app.routes.docs import errors
 from app.schemas import MODEL_NAME_MAX_CHARS, InfoResponse, Status
 
 router = APIRouter(tags=["status"])

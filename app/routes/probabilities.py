@@ -8,7 +8,7 @@ from fastapi import APIRouter, Body
 from fastapi.openapi.models import Example
 
 from app.deps import ModelsDep
-from app.routes.responses import errors
+from app.routes.docs import errors
 from app.schemas import NextWordsRequest, NextWordsResponse, ScoreRequest, ScoreResponse
 
 router = APIRouter(tags=["suggest"])
@@ -37,7 +37,7 @@ async def next_words(
 ) -> NextWordsResponse:
     """The model's most likely next words after the seed words (or a session), with their
     probabilities, from one forward pass. <unk> and <bos> are never suggested."""
-    return await models.run(req.model, lambda service: service.next_words(req))
+    return await models.run(req.model, lambda service: service.next_words(req, owner=models.owner))
 
 
 @router.post(

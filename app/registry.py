@@ -469,20 +469,20 @@ class ModelRegistry:
 
 @dataclass(frozen=True)
 class ModelAccess:
-    """The models as one request sees them: chosen by name, acting for the caller's key
-    (``owner``, whose sessions the services see)."""
+    """The models as one request sees them: chosen by name, with the caller's key
+    fingerprint (``owner``) for the service calls that touch its sessions."""
 
     registry: ModelRegistry
     owner: str | None = None
 
     def service(self, model: str | None) -> TextService:
         """The current version of ``model``, for an answer that does not wait (its card)."""
-        return self.registry.get(model).service.for_owner(self.owner)
+        return self.registry.get(model).service
 
     async def run(self, model: str | None, work: Callable[[TextService], Awaitable[T]]) -> T:
         """``work`` on the current version of ``model``, kept in use until it returns."""
         with self.registry.get(model).version.using() as service:
-            return await work(service.for_owner(self.owner))
+            return await work(service)
 
     async def stream(
         self, model: str | None, start: Callable[[TextService], Awaitable[AsyncIterator[E]]]
@@ -492,7 +492,7 @@ class ModelAccess:
         version = self.registry.get(model).version
         service = version.acquire()
         try:
-            events = await start(service.for_owner(self.owner))
+            events = await start(service)
         except BaseException:
             version.release()
             raise

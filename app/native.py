@@ -1,0 +1,75 @@
+"""The native format (``POST /generate``): its bodies (``app/schemas.py``) to and from the
+service's types (``app/generation.py``), and its server-sent events."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from app.engine.handles import WordEvent
+from app.generation import Failed, TextEvent, TextRequest, TextResult
+from app.schemas import GenerateRequest, GenerateResponse, Sample, Usage, WordEventData
+
+
+def text_request(req: GenerateRequest) -> TextRequest:
+    return TextRequest(
+        seed_words=req.seed_words,
+        max_words=req.max_words,
+        n=req.n,
+        top_k=req.top_k,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        uniform=req.uniform,
+        stop=tuple(req.stop or ()),
+        random_seed=req.random_seed,
+        session_id=req.session_id,
+        on_unknown=req.on_unknown,
+    )
+
+
+def generate_response(result: TextResult) -> GenerateResponse:
+    samples = [
+        Sample(
+            index=s.index,
+            text=result.prefix + s.generated_text,
+            generated_text=s.generated_text,
+            words=s.words,
+            finish_reason=s.finish_reason,
+        )
+        for s in result.samples
+    ]
+    seed_words = len(result.seed.tokens)
+    first = samples[0]
+    return GenerateResponse(
+        model=result.model_id,
+        random_seed=result.random_seed,
+        session_id=result.session_id,
+        seed_words=result.seed.seen,
+        unknown_words=result.seed.unknown,
+        text=first.text,
+        generated_text=first.generated_text,
+        words=first.words,
+        finish_reason=first.finish_reason,
+        usage=Usage(
+            seed_words=seed_words,
+            generated_words=result.generated_words,
+            total_words=seed_words + result.generated_words,
+        ),
+        samples=samples,
+    )
+
+
+async def sse_events(events: AsyncIterator[TextEvent]) -> AsyncIterator[dict[str, str]]:
+    """One ``word`` event per word, then ``done`` with the whole response (or ``error``).
+    Closing these events closes ``events``, which stops the generation."""
+    async with aclosing(events) as inner:  # type: ignore[type-var]
+        async for event in inner:
+            if isinstance(event, WordEvent):
+                data = WordEventData(index=event.index, word=event.word, text=event.text)
+                yield {"event": "word", "data": data.model_dump_json()}
+            elif isinstance(event, Failed):
+                yield {"event": "error", "data": json.dumps(event.error.body())}
+            else:
+                done = generate_response(event.result).model_dump_json()
+                yield {"event": "done", "data": done}

@@ -1,0 +1,213 @@
+"""OpenAI's completions on `TextService`: each prompt becomes a `TextRequest`, and the
+service's results and events become OpenAI's completion and its chunks.
+
+One request with several prompts runs them together (their ``n`` samples each); the choices
+are numbered prompt by prompt. Errors use OpenAI's body (``app/errors.py`` picks it for
+every path under ``/v1/``): a request the service refuses (a 422 on ``/generate``) is a 400
+here, as OpenAI answers it, with ``param`` naming OpenAI's field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+from typing import Any
+
+import anyio
+
+from app.engine.handles import WordEvent
+from app.errors import ApiError, OpenAIError, from_api_error
+from app.generation import Failed, TextEvent, TextRequest, TextResult
+from app.openai.protocol import Completion, CompletionChoice, CompletionRequest, CompletionUsage
+from app.serving import TextService
+
+
+def text_request(req: CompletionRequest, prompt: str) -> TextRequest:
+    """The service's request for one prompt of ``req`` (its ``n`` samples)."""
+    return TextRequest(
+        seed_words=prompt,
+        max_words=16 if req.max_tokens is None else req.max_tokens,
+        n=req.n or 1,
+        top_k=req.top_k or 0,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=req.top_p or 1.0,
+        stop=tuple(req.stop or ()),
+        random_seed=req.seed,
+    )
+
+
+class Completions:
+    """One completion request: its prompts as `TextRequest`s, their results as OpenAI's.
+
+    ``model_id`` is the model's id in ``/v1/models``, which the answers carry as ``model``.
+    """
+
+    def __init__(self, service: TextService, req: CompletionRequest, model_id: str) -> None:
+        req.check_supported()
+        prompts = req.prompts
+        limit = service.settings.max_samples
+        if len(prompts) > limit:
+            raise OpenAIError(400, f"prompt: at most {limit} prompts in one request", "prompt")
+        self.service = service
+        self.req = req
+        self.model_id = model_id
+        self.prompts = prompts
+        self.n = req.n or 1
+        self.id = "cmpl-" + secrets.token_hex(12)
+        self.created = int(time.time())
+        self.echo = bool(req.echo)
+
+    def _head(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model_id,
+            "system_fingerprint": self.service.model_id,  # the weights' version
+        }
+
+    def _refused(self, i: int, exc: ApiError) -> OpenAIError:
+        """The service's refusal of prompt ``i``, in OpenAI's terms."""
+        return from_api_error(exc, None if isinstance(self.req.prompt, str) else i)
+
+    async def _call(self, i: int, work: Any) -> Any:
+        try:
+            return await work
+        except ApiError as exc:
+            raise self._refused(i, exc) from None
+
+    async def create(self) -> Completion:
+        # No completion continues a session: no caller's sessions are involved (owner None).
+        requests = [text_request(self.req, p) for p in self.prompts]
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [
+                    group.create_task(self._call(i, self.service.generate(r, owner=None)))
+                    for i, r in enumerate(requests)
+                ]
+        except BaseExceptionGroup as group_error:
+            raise _first(group_error) from None
+        results: list[TextResult] = [task.result() for task in tasks]
+        choices = []
+        for p, (prompt, result) in enumerate(zip(self.prompts, results, strict=True)):
+            for sample in result.samples:
+                text = (prompt if self.echo else "") + sample.generated_text
+                choices.append(
+                    CompletionChoice(
+                        index=p * self.n + sample.index,
+                        text=text,
+                        finish_reason=sample.finish_reason,
+                    )
+                )
+        return Completion(**self._head(), choices=choices, usage=_usage(results))
+
+    async def stream(self, stopping: anyio.Event) -> AsyncIterator[dict[str, str]]:
+        """Start every prompt's stream (refusals raise before any byte is sent), then chunks."""
+        # Check every prompt before submitting any, so that a refusal of a later prompt does
+        # not leave the earlier ones generating for no one.
+        for i, prompt in enumerate(self.prompts):
+            try:
+                self.service.encode(prompt, "replace")
+            except ApiError as exc:
+                raise self._refused(i, exc) from None
+        streams = []
+        for i, prompt in enumerate(self.prompts):
+            req = text_request(self.req, prompt)
+            streams.append(await self._call(i, self.service.stream(req, stopping, owner=None)))
+        return self._chunks(streams)
+
+    async def _chunks(
+        self, streams: list[AsyncIterator[TextEvent]]
+    ) -> AsyncIterator[dict[str, str]]:
+        include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
+        results: list[TextResult] = []
+        if self.echo:
+            for p, prompt in enumerate(self.prompts):
+                for j in range(self.n):
+                    yield self._chunk(p * self.n + j, prompt, None)
+        # Closed on the way out, so an early end stops the other prompts' generations too.
+        async with aclosing(_merge(streams)) as events:
+            async for p, event in events:
+                if isinstance(event, WordEvent):
+                    yield self._chunk(p * self.n + event.index, event.text, None)
+                elif isinstance(event, Failed):
+                    # The request was accepted; what ends a stream early is the server's doing
+                    # (it is stopping, or failed), so the error is a server error.
+                    error = OpenAIError(500, event.error.detail)
+                    yield {"data": json.dumps(error.openai_body())}
+                    yield {"data": "[DONE]"}
+                    return
+                else:
+                    results.append(event.result)
+                    for sample in event.result.samples:
+                        yield self._chunk(p * self.n + sample.index, "", sample.finish_reason)
+        if include_usage:
+            usage = _usage(results).model_dump()
+            yield {"data": json.dumps({**self._head(), "choices": [], "usage": usage})}
+        yield {"data": "[DONE]"}
+
+    def _chunk(self, index: int, text: str, finish: str | None) -> dict[str, str]:
+        choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+        return {"data": json.dumps({**self._head(), "choices": [choice]})}
+
+
+def _usage(results: Sequence[TextResult]) -> CompletionUsage:
+    prompt = sum(len(r.seed.tokens) for r in results)
+    completion = sum(r.generated_words for r in results)
+    return CompletionUsage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
+
+
+def _first(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The error a task group ended with: a refusal before anything unexpected."""
+    leaves: list[BaseException] = []
+
+    def walk(error: BaseException) -> None:
+        if isinstance(error, BaseExceptionGroup):
+            for inner in error.exceptions:
+                walk(inner)
+        else:
+            leaves.append(error)
+
+    walk(group)
+    refusals = [e for e in leaves if isinstance(e, OpenAIError)]
+    return (refusals or leaves)[0]
+
+
+async def _merge(
+    streams: Sequence[AsyncIterator[TextEvent]],
+) -> AsyncIterator[tuple[int, TextEvent]]:
+    """The events of several streams as they come, each tagged with its stream's position."""
+    if len(streams) == 1:
+        async with aclosing(streams[0]) as only:  # type: ignore[type-var]
+            async for event in only:
+                yield 0, event
+        return
+    queue: asyncio.Queue[tuple[int, TextEvent] | None] = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[TextEvent]) -> None:
+        try:
+            async with aclosing(stream) as events:  # type: ignore[type-var]
+                async for event in events:
+                    await queue.put((i, event))
+        finally:
+            await queue.put(None)
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            item = await queue.get()
+            if item is None:
+                running -= 1
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,187 @@
+"""OpenAI's completion request and response bodies, its model card and its error body.
+
+Names map to the service's as ``prompt`` -> ``seed_words`` (split by the model's tokenizer),
+``max_tokens`` -> ``max_words``, ``seed`` -> ``random_seed``; ``temperature``, ``top_p``, ``n``
+and ``stop`` keep their names, and ``top_k`` is an extra field (0, the default, samples from
+the whole vocabulary as OpenAI does). A token here is a word of the model's vocabulary.
+Parameters a word model cannot honour accept only their neutral value.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator
+
+from app.errors import OpenAIError
+from app.schemas import MAX_RANDOM_SEED, OptionalInteger, OptionalText, StopStrings, ValidUnicode
+
+# -- request and response bodies --------------------------------------------------------------
+
+
+def _prompt(value: object) -> str | list[str]:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(p, str) for p in value):
+        return value
+    if isinstance(value, list) and value and all(isinstance(p, int | list) for p in value):
+        raise ValueError("token-id prompts are not supported; send the text")
+    raise ValueError("expected a string or a non-empty list of strings")
+
+
+Prompt = Annotated[
+    str | list[str],
+    PlainValidator(_prompt, json_schema_input_type=str | Annotated[list[str], Field(min_length=1)]),
+    ValidUnicode,
+]
+
+
+def _unsupported(message: str, accepted: tuple[object, ...] = (), schema: Any = None) -> Any:
+    """A parameter of OpenAI's that a word model cannot honour: null, or one of ``accepted``
+    (of the same JSON type), passes; anything else is refused with ``message``. ``schema`` is
+    the type that states the accepted values in the API schema."""
+
+    def check(value: object) -> object:
+        if value is None or any(type(value) is type(a) and value == a for a in accepted):
+            return value
+        raise ValueError(message)
+
+    return PlainValidator(check, json_schema_input_type=schema)
+
+
+Penalty = Annotated[
+    float | None,
+    _unsupported(
+        "penalties are not supported; leave it out or send 0", (0, 0.0), Literal[0] | None
+    ),
+]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    include_usage: bool = Field(
+        False, description="Send one more chunk before [DONE] with the usage of the request."
+    )
+
+
+class CompletionRequest(BaseModel):
+    """OpenAI's completion request. ``null`` means the default, as in OpenAI's API."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    model: OptionalText = Field(None, description="The id from GET /v1/models (or the run name).")
+    prompt: Prompt = Field(
+        "",
+        description="The text to continue, split by the model's tokenizer; a list of texts "
+        "gives n completions for each. Token-id prompts are not supported.",
+    )
+    max_tokens: OptionalInteger = Field(16, ge=0, description="Words to generate per completion.")
+    temperature: float | None = Field(1.0, ge=0, le=2, description="0 means greedy.")
+    top_p: float | None = Field(1.0, gt=0, le=1)
+    n: OptionalInteger = Field(1, ge=1, description="Completions per prompt.")
+    stop: StopStrings | None = Field(None, description="Strings that end a completion.")
+    seed: OptionalInteger = Field(
+        None, ge=0, le=MAX_RANDOM_SEED, description="The same request and seed give the same text."
+    )
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    echo: bool | None = Field(False, description="Return the prompt before each completion.")
+    best_of: OptionalInteger = Field(None, ge=1, description="Only 1 (or equal to n) is supported.")
+    user: OptionalText = Field(None, description="Accepted and ignored.")
+    logit_bias: Annotated[
+        dict[str, int] | None,
+        _unsupported(
+            "not supported; send {} or leave it out",
+            ({},),
+            Annotated[dict[str, int], Field(max_length=0)] | None,
+        ),
+    ] = Field(None, description="Only an empty map is accepted.")
+    suffix: Annotated[None, _unsupported("insertion is not supported; leave suffix out")] = None
+    logprobs: Annotated[
+        None, _unsupported("log-probabilities are not returned; use POST /score")
+    ] = None
+    frequency_penalty: Penalty = None
+    presence_penalty: Penalty = None
+    top_k: OptionalInteger = Field(
+        0,
+        ge=0,
+        description="An extra field: sample among the k most likely words; 0 means all.",
+    )
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def check_supported(self) -> None:
+        if self.best_of is not None and self.best_of not in (1, self.n or 1):
+            raise OpenAIError(400, "best_of: only 1 (or n) is supported", "best_of")
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["length", "stop"] | None
+
+
+class CompletionUsage(BaseModel):
+    prompt_tokens: int = Field(description="Words of the prompts, as the model read them.")
+    completion_tokens: int = Field(description="Words generated.")
+    total_tokens: int
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[CompletionChoice]
+    usage: CompletionUsage | None = None
+
+
+# What training had done when the served weights were committed (from the run's manifest).
+TRAINING_FIGURES = ("epochs", "iterations", "train_words_seen", "train_seconds", "stop_reason")
+
+
+class ModelCard(BaseModel):
+    """OpenAI's model object, with this model's card after OpenAI's three fields."""
+
+    id: str = Field(description="What to send as `model` (so is `name`).")
+    object: Literal["model"] = "model"
+    created: int = Field(description="When the run folder was created, in seconds since 1970.")
+    owned_by: str = "wordrnn"
+    name: str = Field(description="The model's name: its folder.")
+    version: str = Field(description="The id of the weights served; it changes with a reload.")
+    loaded_at: int = Field(description="When this version was loaded, in seconds since 1970.")
+    default: bool = Field(description="Whether a request without `model` gets this model.")
+    cell: str
+    layers: int
+    embed_dim: int
+    hidden_dim: int
+    vocab_size: int
+    parameters: int
+    best_valid_perplexity: float | None
+    training: dict[str, Any] = Field(
+        description="What training had done when these weights were committed: "
+        + ", ".join(TRAINING_FIGURES)
+        + "."
+    )
+    corpus: dict[str, Any] | None = Field(description="The training corpus' digest and counts.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIErrorResponse(BaseModel):
+    error: OpenAIErrorDetail
