@@ -14,7 +14,7 @@ from typing import Literal
 
 from app.engine.handles import WordEvent
 from app.errors import ApiError
-from app.text import FinishReason
+from app.text import Alternatives, FinishReason
 
 OnUnknown = Literal["replace", "error"]
 
@@ -35,6 +35,7 @@ class TextRequest:
     random_seed: int | None = None  # None: the service picks one (and returns it)
     session_id: str | None = None
     on_unknown: OnUnknown = "replace"
+    logprobs: int | None = None  # each word's log-probability, and this many alternatives
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,9 @@ class TextSample:
     words: list[str]
     generated_text: str
     finish_reason: FinishReason
+    pieces: list[str]  # the text each word adds to generated_text
+    log_probs: list[float | None]  # each word's, when the request asked for them
+    tops: list[Alternatives]  # the alternatives where each word began
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,21 @@ class TextResult:
     @property
     def generated_words(self) -> int:
         return sum(len(s.words) for s in self.samples)
+
+
+@dataclass(frozen=True)
+class TextScores:
+    """How likely a text is: each word's natural log-probability given the words before it
+    (a subword model's: the sum of its pieces'), from the start-of-text state."""
+
+    model_id: str
+    seed: Seed  # the text's words, as given and as the model saw them
+    log_probs: list[float]
+    pieces: list[str]  # the text each word adds, as the model's words write the text
+
+    @property
+    def characters(self) -> int:
+        return sum(len(p) for p in self.pieces)
 
 
 @dataclass(frozen=True)

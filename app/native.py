@@ -1,15 +1,25 @@
-"""The native format (``POST /generate``): its bodies (``app/schemas.py``) to and from the
-service's types (``app/generation.py``), and its server-sent events."""
+"""The native format (``/generate``, ``/score``): its bodies (``app/schemas.py``) to and from
+the service's types (``app/generation.py``), and its server-sent events."""
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from app.engine.handles import WordEvent
-from app.generation import Failed, TextEvent, TextRequest, TextResult
-from app.schemas import GenerateRequest, GenerateResponse, Sample, Usage, WordEventData
+from app.generation import Failed, TextEvent, TextRequest, TextResult, TextScores
+from app.schemas import (
+    GenerateRequest,
+    GenerateResponse,
+    Sample,
+    ScoredWord,
+    ScoreResponse,
+    Usage,
+    WordEventData,
+)
+from model_store.scoring import bits_per_char
 
 
 def text_request(req: GenerateRequest) -> TextRequest:
@@ -25,6 +35,29 @@ def text_request(req: GenerateRequest) -> TextRequest:
         random_seed=req.random_seed,
         session_id=req.session_id,
         on_unknown=req.on_unknown,
+    )
+
+
+def score_response(scores: TextScores) -> ScoreResponse:
+    seed, total = scores.seed, math.fsum(scores.log_probs)
+    unknown = set(seed.unknown)  # the words with no exact match (none for subword)
+    return ScoreResponse(
+        model=scores.model_id,
+        words=[
+            ScoredWord(
+                word=word,
+                token=seen,
+                known=word not in unknown,
+                probability=math.exp(lp),
+                log_prob=lp,
+            )
+            for word, seen, lp in zip(seed.tokens, seed.seen, scores.log_probs, strict=True)
+        ],
+        unknown_words=seed.unknown,
+        log_prob=total,
+        perplexity=math.exp(min(-total / len(scores.log_probs), 700.0)),
+        bits_per_char=bits_per_char(total, scores.characters),
+        characters=scores.characters,
     )
 
 

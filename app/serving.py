@@ -40,6 +40,7 @@ from app.generation import (
     TextRequest,
     TextResult,
     TextSample,
+    TextScores,
 )
 from app.schemas import (
     MAX_RANDOM_SEED,
@@ -47,9 +48,6 @@ from app.schemas import (
     Limits,
     NextWordsRequest,
     NextWordsResponse,
-    ScoredWord,
-    ScoreRequest,
-    ScoreResponse,
     Served,
     SessionCreate,
     SessionPublic,
@@ -59,7 +57,7 @@ from app.sessions import Session, SessionStore
 from app.settings import Settings
 from model_store.network import count_parameters, hidden_shapes, state_shapes
 from model_store.sampling import SamplingParams
-from model_store.scoring import bits_per_char
+from model_store.vocab import Detokenizer
 
 log = logging.getLogger("app")
 
@@ -219,6 +217,7 @@ class TextService:
             hidden=session.hidden if session else None,
             keep_state=session is not None,
             stream=stream,
+            logprobs=req.logprobs,
         )
         return _Plan(job, seed, session, prefix)
 
@@ -240,7 +239,7 @@ class TextService:
             seed=plan.seed,
             prefix=plan.prefix,
             samples=[
-                TextSample(i, s.words, s.text, s.finish_reason)
+                TextSample(i, s.words, s.text, s.finish_reason, s.pieces, s.log_probs, s.tops)
                 for i, s in enumerate(result.samples)
             ],
             session_id=plan.session.id if plan.session else None,
@@ -338,36 +337,19 @@ class TextService:
             words=[WordProbability(word=w, probability=p) for w, p in ranked],
         )
 
-    async def score(self, req: ScoreRequest) -> ScoreResponse:
-        text = self.encode(req.text, req.on_unknown, field="text")
-        if not text.ids:
+    async def score(self, text: Sequence[str] | str, on_unknown: OnUnknown) -> TextScores:
+        """Each word of ``text`` scored from the start of a text (``text`` names the field)."""
+        seed = self.encode(text, on_unknown, field="text")
+        if not seed.ids:
             raise ApiError.field("text", "holds no words to score")
-        log_probs = await self._model(self.engine.score(text.ids))
+        log_probs = await self._model(self.engine.score(seed.ids))
         per_word, start = [], 0
-        for size in text.sizes:  # a word's probability: the product of its pieces'
+        for size in seed.sizes:  # a word's probability: the product of its pieces'
             per_word.append(math.fsum(log_probs[start : start + size]))
             start += size
-        total = math.fsum(log_probs)
-        characters = len(self.vocab.join_words(text.tokens))
-        unknown = set(text.unknown)  # the words with no exact match (none for subword)
-        return ScoreResponse(
-            model=self.model_id,
-            words=[
-                ScoredWord(
-                    word=word,
-                    token=seen,
-                    known=word not in unknown,
-                    probability=math.exp(lp),
-                    log_prob=lp,
-                )
-                for word, seen, lp in zip(text.tokens, text.seen, per_word, strict=True)
-            ],
-            unknown_words=text.unknown,
-            log_prob=total,
-            perplexity=math.exp(min(-total / len(per_word), 700.0)),
-            bits_per_char=bits_per_char(total, characters),
-            characters=characters,
-        )
+        writer = Detokenizer(self.vocab.tokenizer)
+        pieces = [writer.push(word) for word in seed.tokens]
+        return TextScores(self.model_id, seed, per_word, pieces)
 
     # -- the model card -----------------------------------------------------------------------
 

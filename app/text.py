@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from model_store.subword import NEWLINE, starts_word
@@ -38,21 +38,32 @@ PIECES_PER_WORD = 8  # a subword sample ends after max_words x this many pieces 
 FinishReason = Literal["length", "stop"]
 
 
+# The likeliest alternatives where a word began, (token, natural log-probability), best first.
+Alternatives = tuple[tuple[str, float], ...]
+
+
 @dataclass(frozen=True)
 class Piece:
-    """One released word and the text it adds to the sample."""
+    """One released word, the text it adds to the sample, and (when the job asked for them)
+    its log-probability under the model and the alternatives where it began."""
 
     word: str
     text: str
+    log_prob: float | None = None
+    top: Alternatives = ()
 
 
 @dataclass(frozen=True)
 class SampleText:
-    """A finished sample: the words kept, the text they add, and why it ended."""
+    """A finished sample: the words kept, the text they add, why it ended, and each kept
+    word's log-probability and alternatives (None and () unless the job asked for them)."""
 
     words: list[str]
     text: str
     finish_reason: FinishReason
+    pieces: list[str] = field(default_factory=list)  # the text each word adds
+    log_probs: list[float | None] = field(default_factory=list)
+    tops: list[Alternatives] = field(default_factory=list)
 
 
 class Continuation:
@@ -78,6 +89,10 @@ class Continuation:
         self.words: list[str] = []
         self.tokens = 0  # the model's tokens taken (each one sampling step)
         self._pending: list[str] = []  # the pieces of the word being written (subword)
+        self._pending_log_prob: float | None = 0.0  # their log-probabilities, summed
+        self._pending_top: Alternatives = ()  # the alternatives to its first piece
+        self._log_probs: list[float | None] = []  # each word's: the sum of its pieces'
+        self._tops: list[Alternatives] = []
         self._token_ends: list[int] = []  # tokens taken up to the end of each word
         self._ends: list[int] = []  # where each word's piece ends in self._text
         self._text = ""
@@ -100,14 +115,15 @@ class Continuation:
         kept = self._kept()
         return self._token_ends[kept - 1] if kept else 0
 
-    def push_token(self, token: str) -> bool:
-        """Add the model's next token; False when it is refused because the sample was
-        already complete (a subword start piece past ``max_words``): then ``done`` is set."""
+    def push_token(self, token: str, log_prob: float | None = None, top: Alternatives = ()) -> bool:
+        """Add the model's next token (with its log-probability and the alternatives to it,
+        when they were computed); False when it is refused because the sample was already
+        complete (a subword start piece past ``max_words``): then ``done`` is set."""
         if self.done:
             return False
         if not self._subword:
             self.tokens += 1
-            self.push(token)
+            self.push(token, log_prob, top)
             self._full = self._max_tokens is not None and self.tokens >= self._max_tokens
             return True
         if starts_word(token) and self._pending:
@@ -116,6 +132,12 @@ class Continuation:
                 self._full = True
                 return False
         self.tokens += 1
+        if not self._pending:
+            self._pending_log_prob, self._pending_top = 0.0, top
+        if self._pending_log_prob is not None and log_prob is not None:
+            self._pending_log_prob += log_prob
+        else:
+            self._pending_log_prob = None
         self._pending.append(token)
         if token == NEWLINE:
             self._complete()
@@ -136,15 +158,17 @@ class Continuation:
         word = self._vocab.tokenizer.subword_model().word(self._pending)
         self._pending = []
         if word:
-            self.push(word)
+            self.push(word, self._pending_log_prob, self._pending_top)
         elif self._token_ends:
             self._token_ends[-1] = self.tokens
 
-    def push(self, word: str) -> None:
+    def push(self, word: str, log_prob: float | None = None, top: Alternatives = ()) -> None:
         """Add one whole word."""
         before = len(self._text)
         self._text += self._detokenizer.push(word)
         self.words.append(word)
+        self._log_probs.append(log_prob)
+        self._tops.append(top)
         self._token_ends.append(self.tokens)
         self._ends.append(len(self._text))
         # A new match must end past the old text, so it starts at most len(stop) - 1 before it.
@@ -163,7 +187,12 @@ class Continuation:
         else:
             count, limit = bisect_right(self._ends, self._safe_end()), len(self._text)
         pieces = [
-            Piece(self.words[j], self._text[self._start(j) : min(self._ends[j], limit)])
+            Piece(
+                self.words[j],
+                self._text[self._start(j) : min(self._ends[j], limit)],
+                self._log_probs[j],
+                self._tops[j],
+            )
             for j in range(self._released, count)
         ]
         self._released = max(self._released, count)
@@ -172,10 +201,14 @@ class Continuation:
     def finish(self) -> SampleText:
         if not self.stopped:
             self._complete()  # a sample cut short by the token cap keeps its last word
+        kept, end = self._kept(), self._end()
         return SampleText(
-            self.words[: self._kept()],
-            self._text[: self._end()],
+            self.words[:kept],
+            self._text[:end],
             "stop" if self.stopped else "length",
+            [self._text[self._start(j) : min(self._ends[j], end)] for j in range(kept)],
+            self._log_probs[:kept],
+            self._tops[:kept],
         )
 
     def _start(self, j: int) -> int:

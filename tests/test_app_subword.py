@@ -152,3 +152,18 @@ def test_a_sample_of_one_endless_word_ends_at_the_piece_cap(run: Path) -> None:
             break
     assert pushed == 3 * PIECES_PER_WORD + PIECES_PER_WORD
     assert text.finish().words == [vocab.spell(vocab.encode([start, *[more] * (pushed - 1)]))]
+
+
+def test_openai_logprobs_of_a_subword_model_are_whole_words(client: TestClient) -> None:
+    body = {"prompt": "I can", "max_tokens": 8, "seed": 5, "logprobs": 2, "top_k": 5}
+    choice = post(client, "/v1/completions", **body)["choices"][0]
+    scores = choice["logprobs"]
+    words = post(client, "/generate", seed_words="I can", max_words=8, random_seed=5)["words"]
+    assert len(scores["tokens"]) == len(words)  # one entry per word, not per piece
+    assert "".join(scores["tokens"]) == choice["text"]
+    scored = post(client, "/score", text=["I", "can", *words])["words"][2:]
+    for got, want in zip(scores["token_logprobs"], scored, strict=True):
+        assert got == pytest.approx(want["log_prob"], abs=1e-5)
+    for top in scores["top_logprobs"]:  # the likeliest pieces that open a word
+        assert 1 <= len(top) <= 2
+        assert all(math.isfinite(v) and v <= 0 for v in top.values())

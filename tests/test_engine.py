@@ -438,10 +438,10 @@ def poison_text(monkeypatch: pytest.MonkeyPatch) -> None:
             super().__init__(vocab, context, stops, max_words)
             self.poisoned = MARK in context
 
-        def push(self, word: str) -> None:
+        def push(self, word: str, *score: Any) -> None:
             if self.poisoned and len(self.words) == FAULT_AT:
                 raise RuntimeError("poisoned text")
-            super().push(word)
+            super().push(word, *score)
 
     monkeypatch.setattr(batch_module, "Continuation", Faulty)
 

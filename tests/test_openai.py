@@ -220,7 +220,7 @@ def test_a_stream_is_unbuffered_sse_ending_in_done(client: TestClient) -> None:
         ({"n": 5}, "n"),
         ({"seed": -1}, "seed"),
         ({"stop": [""]}, "stop"),
-        ({"logprobs": 2}, "logprobs"),
+        ({"logprobs": 6}, "logprobs"),
         ({"suffix": "end"}, "suffix"),
         ({"best_of": 3}, "best_of"),
         ({"frequency_penalty": 0.5}, "frequency_penalty"),
@@ -336,6 +336,85 @@ def test_a_refused_prompt_of_several_is_named_by_its_position(
     assert isinstance(body, dict)
     assert body["param"] == "prompt[1]"
     assert "at most 1000" in body["message"]
+
+
+def test_logprobs_are_the_scores_of_the_words_and_add_up_to_the_text(
+    client: TestClient, sdk: openai.OpenAI, model: str
+) -> None:
+    params: dict[str, Any] = {
+        "model": model,
+        "prompt": "I can see",
+        "max_tokens": 12,
+        "n": 2,
+        "seed": 3,
+        "logprobs": 3,
+        "stop": ["."],
+    }
+    completion = sdk.completions.create(**params)
+    native = generate(
+        client, seed_words="I can see", max_words=12, n=2, random_seed=3, top_k=0, stop=["."]
+    )
+    for choice in completion.choices:
+        scores = choice.logprobs
+        assert scores is not None
+        assert scores.tokens
+        assert scores.token_logprobs
+        assert "".join(scores.tokens) == choice.text
+        assert scores.text_offset == [
+            sum(len(t) for t in scores.tokens[:i]) for i in range(len(scores.tokens))
+        ]
+        assert scores.top_logprobs is not None
+        for top in scores.top_logprobs:
+            assert 1 <= len(top) <= 3
+            assert list(top.values()) == sorted(top.values(), reverse=True)
+        # The same figures /score gives the words after the prompt.
+        words = ["I", "can", "see", *native["samples"][choice.index]["words"]]
+        scored = client.post("/score", json={"text": words}).json()["words"][3:]
+        for got, want in zip(scores.token_logprobs, scored, strict=True):
+            assert got == pytest.approx(want["log_prob"], abs=1e-5)
+    # Streamed, the chunks carry the same figures, word by word.
+    chunks = list(sdk.completions.create(**params, stream=True))
+    streamed: dict[int, list[float | None]] = {0: [], 1: []}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            if choice.logprobs is not None:
+                streamed[choice.index] += choice.logprobs.token_logprobs or []
+    for choice in completion.choices:
+        assert choice.logprobs is not None
+        assert streamed[choice.index] == choice.logprobs.token_logprobs
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_score_does(
+    client: TestClient, sdk: openai.OpenAI, model: str
+) -> None:
+    prompt = "I can see the sea"
+    scored = client.post("/score", json={"text": prompt}).json()["words"]
+    only = sdk.completions.create(model=model, prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    [choice] = only.choices
+    assert choice.text == prompt
+    scores = choice.logprobs
+    assert scores is not None
+    assert scores.token_logprobs is not None
+    assert scores.tokens == ["I", " can", " see", " the", " sea"]
+    assert scores.text_offset == [0, 1, 5, 9, 13]
+    assert scores.token_logprobs[0] is None  # nothing before the first word
+    for got, want in zip(scores.token_logprobs[1:], scored[1:], strict=True):
+        assert got == pytest.approx(want["log_prob"], abs=1e-5)
+    # With a completion: the prompt's figures, then the completion's, offsets running on.
+    both = sdk.completions.create(
+        model=model, prompt=prompt, max_tokens=4, echo=True, logprobs=1, seed=1
+    ).choices[0]
+    assert both.logprobs is not None
+    assert both.logprobs.tokens is not None
+    assert both.logprobs.text_offset is not None
+    assert both.logprobs.tokens[:5] == scores.tokens
+    assert "".join(both.logprobs.tokens) == both.text
+    assert both.logprobs.text_offset[5] == len(prompt)
+    streamed = sdk.completions.create(
+        model=model, prompt=prompt, max_tokens=4, echo=True, logprobs=1, seed=1, stream=True
+    )
+    tokens = [t for c in streamed for ch in c.choices if ch.logprobs for t in ch.logprobs.tokens]
+    assert tokens == both.logprobs.tokens
 
 
 def test_a_failure_after_the_stream_started_is_an_error_chunk(

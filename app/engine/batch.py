@@ -33,7 +33,7 @@ from app.engine.handles import (
     WordEvent,
     failure,
 )
-from app.text import Continuation
+from app.text import Alternatives, Continuation
 from model_store.network import Hidden, WordRNN, hidden_cat, hidden_select, hidden_to
 from model_store.sampling import advance, make_generator, next_logits, sample, start_states
 from model_store.vocab import Vocab
@@ -159,7 +159,7 @@ class Batch:
         the rows of a request whose own work failed."""
         assert self.hidden is not None, "step() on an empty batch"
         rows = self.rows
-        logits = next_logits(self.model, self.hidden)  # (B, V)
+        logits = raw = next_logits(self.model, self.hidden)  # (B, V)
         if self._opening is not None:
             starting = [pos for pos, row in enumerate(rows) if row.seq.texts[row.index].tokens == 0]
             if starting:  # a sample's first piece opens a word: the seed's last one is whole
@@ -168,6 +168,7 @@ class Batch:
                     0, index, logits[index].masked_fill(~self._opening, -math.inf)
                 )
         ids, failed = self._sample(logits)
+        scores = self._scores(raw, ids)
         before, hidden = self.hidden, advance(self.model, self.hidden, ids)
         events: dict[_Sequence, list[WordEvent]] = {}
         finished: list[_Sequence] = []
@@ -177,7 +178,8 @@ class Batch:
             if seq in failed:
                 continue
             try:
-                done = self._push(row, pos, word_id, before, hidden, events)
+                score = scores[pos] if scores is not None else (None, ())
+                done = self._push(row, pos, word_id, score, before, hidden, events)
             except Exception as exc:
                 failed[seq] = exc
                 continue
@@ -229,11 +231,43 @@ class Batch:
                 ids.append(self.vocab.bos_id)
         return ids, failed
 
+    def _scores(
+        self, logits: torch.Tensor, ids: Sequence[int]
+    ) -> list[tuple[float, Alternatives]] | None:
+        """Each row's drawn token's log-probability under the model (before temperature and
+        truncation, as ``/score`` gives it) and its alternatives, when any row asked for them:
+        the likeliest tokens that open a word (never a special one)."""
+        wanted = [row.seq.job.logprobs for row in self.rows]
+        if all(w is None for w in wanted):
+            return None
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        chosen = log_probs.gather(1, torch.tensor(ids, device=logits.device).unsqueeze(1))
+        top = max(w or 0 for w in wanted)
+        alternatives: list[Alternatives] = [()] * len(ids)
+        if top:
+            allowed = log_probs.index_fill(
+                1, torch.tensor(self.banned, device=logits.device), -math.inf
+            )
+            if self._opening is not None:
+                allowed = allowed.masked_fill(~self._opening, -math.inf)
+            values, top_ids = allowed.topk(min(top, allowed.shape[1]), dim=1)
+            for pos, (row_values, row_ids) in enumerate(
+                zip(values.tolist(), top_ids.tolist(), strict=True)
+            ):
+                n = wanted[pos] or 0
+                alternatives[pos] = tuple(
+                    (self.vocab.spell([i]), v)
+                    for i, v in zip(row_ids[:n], row_values[:n], strict=True)
+                    if v > -math.inf
+                )
+        return [(lp, alt) for lp, alt in zip(chosen.squeeze(1).tolist(), alternatives, strict=True)]
+
     def _push(
         self,
         row: _Row,
         pos: int,
         word_id: int,
+        score: tuple[float | None, Alternatives],
         before: Hidden,
         hidden: Hidden,
         events: dict[_Sequence, list[WordEvent]],
@@ -243,7 +277,7 @@ class Batch:
         the token was fed: a refused token leaves the row's state at ``before``."""
         seq = row.seq
         text = seq.texts[row.index]
-        accepted = text.push_token(self.vocab.tokens[word_id])
+        accepted = text.push_token(self.vocab.tokens[word_id], *score)
         if not accepted:
             hidden = before
         elif row.states is not None:
@@ -253,7 +287,7 @@ class Batch:
             pieces = text.release(final=done)
             if pieces:
                 events.setdefault(seq, []).extend(
-                    WordEvent(row.index, p.word, p.text) for p in pieces
+                    WordEvent(row.index, p.word, p.text, p.log_prob, p.top) for p in pieces
                 )
         if done and seq.job.keep_state and row.index == 0:
             seq.state = (

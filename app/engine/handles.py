@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from app.text import SampleText
+from app.text import Alternatives, SampleText
 from model_store.network import Hidden
 from model_store.sampling import SamplingParams
 
@@ -72,6 +72,7 @@ class GenerationJob:
     hidden: Hidden | None = None
     keep_state: bool = False
     stream: bool = False
+    logprobs: int | None = None  # each word's log-probability and this many alternatives
 
 
 @dataclass(frozen=True)
@@ -82,11 +83,14 @@ class GenerationResult:
 
 @dataclass(frozen=True)
 class WordEvent:
-    """A word of sample ``index``, released to a stream, and the text it adds."""
+    """A word of sample ``index``, released to a stream, and the text it adds; with its
+    log-probability and alternatives when the job asked for them."""
 
     index: int
     word: str
     text: str
+    log_prob: float | None = None
+    top: Alternatives = ()
 
 
 Outcome = GenerationResult | BaseException

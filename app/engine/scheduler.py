@@ -604,7 +604,14 @@ class NoopEngine(Engine):
             context = list(job.context)
             first = join([*context, word])[len(join(context)) :]
             pieces = [first, *[again] * (job.max_words - 1)][: job.max_words]
-            sample = SampleText([word] * job.max_words, "".join(pieces), "length")
+            sample = SampleText(
+                [word] * job.max_words,
+                "".join(pieces),
+                "length",
+                pieces,
+                [None] * job.max_words,
+                [()] * job.max_words,
+            )
             events = [WordEvent(i, word, p) for i in range(job.n) for p in pieces]
             result = GenerationResult([sample] * job.n, job.hidden if job.keep_state else None)
             self._finish(generation, result, events if job.stream else ())

@@ -22,8 +22,15 @@ import anyio
 from app.engine.handles import WordEvent
 from app.errors import ApiError, OpenAIError, from_api_error
 from app.generation import Failed, TextEvent, TextRequest, TextResult
-from app.openai.protocol import Completion, CompletionChoice, CompletionRequest, CompletionUsage
+from app.openai.protocol import (
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionUsage,
+)
 from app.serving import TextService
+from app.text import Alternatives
 
 
 def text_request(req: CompletionRequest, prompt: str) -> TextRequest:
@@ -37,6 +44,7 @@ def text_request(req: CompletionRequest, prompt: str) -> TextRequest:
         top_p=req.top_p or 1.0,
         stop=tuple(req.stop or ()),
         random_seed=req.seed,
+        logprobs=req.logprobs,
     )
 
 
@@ -92,14 +100,17 @@ class Completions:
         except BaseExceptionGroup as group_error:
             raise _first(group_error) from None
         results: list[TextResult] = [task.result() for task in tasks]
+        echoed = [await self._echoed(i, prompt) for i, prompt in enumerate(self.prompts)]
         choices = []
         for p, (prompt, result) in enumerate(zip(self.prompts, results, strict=True)):
+            head = prompt if self.echo else ""
             for sample in result.samples:
-                text = (prompt if self.echo else "") + sample.generated_text
+                scores = self._logprobs(sample.pieces, sample.log_probs, sample.tops, len(head))
                 choices.append(
                     CompletionChoice(
                         index=p * self.n + sample.index,
-                        text=text,
+                        text=head + sample.generated_text,
+                        logprobs=_joined(echoed[p], scores),
                         finish_reason=sample.finish_reason,
                     )
                 )
@@ -114,26 +125,35 @@ class Completions:
                 self.service.encode(prompt, "replace")
             except ApiError as exc:
                 raise self._refused(i, exc) from None
+        echoed = [await self._echoed(i, prompt) for i, prompt in enumerate(self.prompts)]
         streams = []
         for i, prompt in enumerate(self.prompts):
             req = text_request(self.req, prompt)
             streams.append(await self._call(i, self.service.stream(req, stopping, owner=None)))
-        return self._chunks(streams)
+        return self._chunks(streams, echoed)
 
     async def _chunks(
-        self, streams: list[AsyncIterator[TextEvent]]
+        self,
+        streams: list[AsyncIterator[TextEvent]],
+        echoed: list[CompletionLogprobs | None],
     ) -> AsyncIterator[dict[str, str]]:
         include_usage = bool(self.req.stream_options and self.req.stream_options.include_usage)
         results: list[TextResult] = []
+        offsets: dict[int, int] = {}  # where each choice's next word starts in its text
         if self.echo:
             for p, prompt in enumerate(self.prompts):
                 for j in range(self.n):
-                    yield self._chunk(p * self.n + j, prompt, None)
+                    offsets[p * self.n + j] = len(prompt)
+                    yield self._chunk(p * self.n + j, prompt, None, echoed[p])
         # Closed on the way out, so an early end stops the other prompts' generations too.
         async with aclosing(_merge(streams)) as events:
             async for p, event in events:
                 if isinstance(event, WordEvent):
-                    yield self._chunk(p * self.n + event.index, event.text, None)
+                    index = p * self.n + event.index
+                    start = offsets.get(index, 0)
+                    offsets[index] = start + len(event.text)
+                    scores = self._logprobs([event.text], [event.log_prob], [event.top], start)
+                    yield self._chunk(index, event.text, None, scores)
                 elif isinstance(event, Failed):
                     # The request was accepted; what ends a stream early is the server's doing
                     # (it is stopping, or failed), so the error is a server error.
@@ -150,9 +170,77 @@ class Completions:
             yield {"data": json.dumps({**self._head(), "choices": [], "usage": usage})}
         yield {"data": "[DONE]"}
 
-    def _chunk(self, index: int, text: str, finish: str | None) -> dict[str, str]:
-        choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+    def _chunk(
+        self,
+        index: int,
+        text: str,
+        finish: str | None,
+        scores: CompletionLogprobs | None = None,
+    ) -> dict[str, str]:
+        choice = {
+            "index": index,
+            "text": text,
+            "logprobs": scores.model_dump() if scores is not None else None,
+            "finish_reason": finish,
+        }
         return {"data": json.dumps({**self._head(), "choices": [choice]})}
+
+    async def _echoed(self, i: int, prompt: str) -> CompletionLogprobs | None:
+        """The log-probabilities of prompt ``i``'s words when they are echoed with them (the
+        first word's is null, as OpenAI gives it: it has no words before it)."""
+        if not self.echo or self.req.logprobs is None or not prompt.split():
+            return None
+        scores = await self._call(i, self.service.score(prompt, "replace"))
+        count = len(scores.pieces)
+        return CompletionLogprobs(
+            tokens=scores.pieces,
+            token_logprobs=[None, *scores.log_probs[1:]],
+            top_logprobs=[None] + [{}] * (count - 1),
+            text_offset=[sum(len(p) for p in scores.pieces[:j]) for j in range(count)],
+        )
+
+    def _logprobs(
+        self,
+        pieces: Sequence[str],
+        log_probs: Sequence[float | None],
+        tops: Sequence[Alternatives],
+        start: int,
+    ) -> CompletionLogprobs | None:
+        """OpenAI's log-probabilities of words whose text starts at ``start`` of the choice
+        (None when the request did not ask for them). Alternatives that spell alike keep the
+        likelier one."""
+        if self.req.logprobs is None:
+            return None
+        offsets = []
+        for piece in pieces:
+            offsets.append(start)
+            start += len(piece)
+        top_logprobs = []
+        for alternatives in tops:
+            top: dict[str, float] = {}
+            for token, log_prob in alternatives:
+                top.setdefault(token, log_prob)
+            top_logprobs.append(top)
+        return CompletionLogprobs(
+            tokens=list(pieces),
+            token_logprobs=list(log_probs),
+            top_logprobs=top_logprobs,
+            text_offset=offsets,
+        )
+
+
+def _joined(
+    head: CompletionLogprobs | None, tail: CompletionLogprobs | None
+) -> CompletionLogprobs | None:
+    """A prompt's log-probabilities followed by its completion's."""
+    if head is None or tail is None:
+        return tail
+    return CompletionLogprobs(
+        tokens=head.tokens + tail.tokens,
+        token_logprobs=head.token_logprobs + tail.token_logprobs,
+        top_logprobs=head.top_logprobs + tail.top_logprobs,
+        text_offset=head.text_offset + tail.text_offset,
+    )
 
 
 def _usage(results: Sequence[TextResult]) -> CompletionUsage:

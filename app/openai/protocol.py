@@ -98,9 +98,14 @@ class CompletionRequest(BaseModel):
         ),
     ] = Field(None, description="Only an empty map is accepted.")
     suffix: Annotated[None, _unsupported("insertion is not supported; leave suffix out")] = None
-    logprobs: Annotated[
-        None, _unsupported("log-probabilities are not returned; use POST /score")
-    ] = None
+    logprobs: OptionalInteger = Field(
+        None,
+        ge=0,
+        le=5,
+        description="Return each word's log-probability (as POST /score gives it) and this "
+        "many likeliest alternatives where it began; with echo, the prompt's words too (the "
+        "first one's is null).",
+    )
     frequency_penalty: Penalty = None
     presence_penalty: Penalty = None
     top_k: OptionalInteger = Field(
@@ -118,10 +123,20 @@ class CompletionRequest(BaseModel):
             raise OpenAIError(400, "best_of: only 1 (or n) is supported", "best_of")
 
 
+class CompletionLogprobs(BaseModel):
+    """Per generated word (a token here): the text it adds, its natural log-probability, the
+    likeliest alternatives where it began, and where it starts in the choice's text."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["length", "stop"] | None
 
 

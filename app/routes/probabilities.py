@@ -8,6 +8,7 @@ from fastapi import APIRouter, Body
 from fastapi.openapi.models import Example
 
 from app.deps import ModelsDep
+from app.native import score_response
 from app.routes.docs import errors
 from app.schemas import NextWordsRequest, NextWordsResponse, ScoreRequest, ScoreResponse
 
@@ -54,4 +55,5 @@ async def score(
     The text is read from the start-of-text state (<bos>), as training opened each document
     and as the validation perplexity was measured. Unknown words are scored as what the model
     saw (often <unk>) and flagged with `known: false`."""
-    return await models.run(req.model, lambda service: service.score(req))
+    scores = await models.run(req.model, lambda service: service.score(req.text, req.on_unknown))
+    return score_response(scores)
