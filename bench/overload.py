@@ -17,6 +17,10 @@ of every request), then, all at once:
 - a probe: one more ``hey`` asks ``GET /healthz`` ``--probe-rate`` times a second on one
   connection: the event loop must keep answering it.
 
+With ``--through-nginx`` all of it goes through ``deploy/nginx.conf`` (nginx on loopback, a
+worker a core): its limits refuse most of the flood before the app, nginx's refusals are
+timed in its access log, and /healthz is timed there too, whole and the app's part.
+
 Before the load the same probe runs on the idle server, for comparison; after it the engine
 must go back to idle and the server must stop with exit status 0 on SIGTERM.
 
@@ -43,9 +47,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import io
 import json
+import re
 import resource
 import signal
 import subprocess
@@ -53,7 +59,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,12 +78,16 @@ from bench.server import (
     ms,
     percentile,
 )
+from tests.live_server import Nginx, deploy_site, run_nginx
 
 RESULTS = REPO / "bench" / "results" / "overload.json"
 BODY = {"seed_words": "I can see", "max_words": 25}
 REFUSALS = (429, 503)
 HEY_POOL = 500  # idle connections hey keeps
 IDLE_PROBES = 40
+NGINX_PREFIX = "/textgen"  # the sub-path deploy/nginx.conf serves the app under
+# deploy/nginx.conf's log line: "$request" $status $body_bytes_sent $request_time ... upstream_time=
+NGINX_LINE = re.compile(r'"\w+ (\S+) [^"]*" (\d{3}) \d+ ([\d.]+) ".*upstream_time=(\S+)$', re.M)
 ACCESS_LOG = ("--log-format", "json")  # one JSON line a request, with its status and duration
 
 
@@ -99,10 +109,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=100.0,
         help="the most a 429/503 may take in the server (its access log), p99",
     )
-    parser.add_argument("--max-healthz-p99-ms", type=float, default=500.0)
+    parser.add_argument(
+        "--max-healthz-p99-ms",
+        type=float,
+        default=None,
+        help="the most /healthz may take during the load, p99 (default: 500, or 100 with "
+        "--through-nginx, whose limits keep the flood from the app)",
+    )
+    parser.add_argument(
+        "--through-nginx",
+        action="store_true",
+        help="send everything through deploy/nginx.conf (its connection limits) on loopback; "
+        "refusals are then timed in nginx's access log",
+    )
     add_torch_threads_arg(parser, 1)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.max_healthz_p99_ms is None:
+        args.max_healthz_p99_ms = 100.0 if args.through_nginx else 500.0
     if min(args.concurrency, args.max_pending, args.check_clients, args.probe_rate) < 1:
         parser.error("--concurrency, --max-pending, --check-clients, --probe-rate must be >= 1")
     if args.requests < args.concurrency:
@@ -190,7 +214,8 @@ def access_log(path: Path) -> list[tuple[int, float]]:
     for line in path.read_text(errors="replace").splitlines():
         if line.startswith("{"):
             entry = json.loads(line)
-            if entry.get("path") == "/generate" and entry.get("status") is not None:
+            path = entry.get("path")
+            if path in ("/generate", NGINX_PREFIX + "/generate") and entry.get("status"):
                 rows.append((int(entry["status"]), entry["duration_ms"] / 1000))
     return rows
 
@@ -277,6 +302,40 @@ async def overload(
     return [row for out in outputs for row in hey_rows(out)], hey_rows(await finished(probe))
 
 
+@contextlib.contextmanager
+def nginx_before(server: Server, logdir: Path, args: argparse.Namespace) -> Iterator[Nginx]:
+    """``deploy/nginx.conf`` on loopback in front of ``server``, with room for the flood."""
+    address = server.url.removeprefix("http://")
+    site = deploy_site(
+        "nginx.conf",
+        {"server app:8000;": f"server {address};", "/var/log/nginx/access.log": "logs/access.log"},
+    )
+    room = 2 * args.concurrency + 512
+    with run_nginx(site, logdir / "nginx", connections=room, workers="auto") as nginx:
+        yield nginx
+
+
+def nginx_refusals(log: str) -> list[tuple[int, float]]:
+    """(status, seconds) of the requests nginx refused itself (no upstream time)."""
+    return [
+        (int(m.group(2)), float(m.group(3)))
+        for m in NGINX_LINE.finditer(log)
+        if m.group(4) == "-" and int(m.group(2)) in REFUSALS
+    ]
+
+
+def nginx_healthz(log: str) -> dict[str, dict[str, Any]]:
+    """The load's /healthz probes as nginx timed them: whole (``nginx``) and the app's part
+    (``app``: from nginx's connecting to it to its answer), so that what the app adds can be
+    told from what the shared cores add."""
+    lines = [m for m in NGINX_LINE.finditer(log) if m.group(1).endswith("/healthz")]
+    during = lines[IDLE_PROBES:]  # the first ones are the idle probe's
+    return {
+        "nginx": by_status([(200, float(m.group(3))) for m in during]),
+        "app": by_status([(200, float(m.group(4))) for m in during if m.group(4) != "-"]),
+    }
+
+
 def checks(
     load: list[tuple[int, float]],
     probe: list[tuple[int, float]],
@@ -340,6 +399,10 @@ def table(report: dict[str, Any]) -> str:
         "GET /healthz, idle": report["healthz_idle"],
         "GET /healthz, during the load": report["healthz_during_load"],
     }
+    edge = report.get("healthz_during_load_in_nginx_log") or {}
+    if edge:
+        parts["GET /healthz, during the load: in nginx"] = edge["nginx"]
+        parts["GET /healthz, during the load: in the app (upstream)"] = edge["app"]
     for name, statuses in parts.items():
         for status, row in statuses.items():
             lines.append(
@@ -355,6 +418,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if hey is None:
         return 2
     checker = Checker()
+    refused_at_edge: list[tuple[int, float]] = []
+    healthz_at_edge: dict[str, Any] = {}
     try:
         raise_open_files(2 * args.concurrency + 1024)
         run_dir = model_dir(args)
@@ -363,25 +428,39 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "WORDRNN_MAX_PENDING": str(args.max_pending),
                 "WORDRNN_TORCH_THREADS": str(args.torch_threads),
             }
+            behind = ("--root-path", NGINX_PREFIX) if args.through_nginx else ()
             server = Server(
-                run_dir, "overload", Path(logdir), args=ACCESS_LOG, env=env, log_level="info"
+                run_dir,
+                "overload",
+                Path(logdir),
+                args=[*ACCESS_LOG, *behind],
+                env=env,
+                log_level="info",
             )
             try:
                 server.wait_ready()
-                idle_probe = hey_rows(
-                    run_hey(probe_command(hey, server.url, args.probe_rate, IDLE_PROBES))
-                )
-                print(
-                    f"overload: {args.requests} requests from {args.concurrency} connections "
-                    f"on {server.url}",
-                    file=sys.stderr,
-                )
-                commands, sent = load_commands(hey, server.url, args)
-                load, probe = asyncio.run(overload(hey, server.url, commands, args, checker))
-                idle = server.wait_idle()
+                with contextlib.ExitStack() as front:
+                    url = server.url
+                    if args.through_nginx:
+                        proxy = front.enter_context(nginx_before(server, Path(logdir), args))
+                        url = proxy.url + NGINX_PREFIX
+                    idle_probe = hey_rows(
+                        run_hey(probe_command(hey, url, args.probe_rate, IDLE_PROBES))
+                    )
+                    print(
+                        f"overload: {args.requests} requests from {args.concurrency} "
+                        f"connections on {url}",
+                        file=sys.stderr,
+                    )
+                    commands, sent = load_commands(hey, url, args)
+                    load, probe = asyncio.run(overload(hey, url, commands, args, checker))
+                    idle = server.wait_idle()
+                    if args.through_nginx:
+                        refused_at_edge = nginx_refusals(proxy.access_log())
+                        healthz_at_edge = nginx_healthz(proxy.access_log())
             finally:
                 exit_status = server.stop()
-                served = access_log(server.log_path)
+                served = access_log(server.log_path) + refused_at_edge
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -394,12 +473,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "requests": sent,
         "hey_processes": len(commands),
         "max_pending": args.max_pending,
+        "through_nginx": args.through_nginx,
         "body": BODY,
         "load_by_status": by_status(load),
         "checker": checker.summary(),
         "served_by_status": by_status(served),
         "healthz_idle": by_status(idle_probe),
         "healthz_during_load": by_status(probe),
+        "healthz_during_load_in_nginx_log": healthz_at_edge,
         "metrics_after_load": idle,
         "checks": found,
     }

@@ -179,18 +179,20 @@ def replicas_site(ports: Sequence[int], access_log: Path) -> Callable[[int], str
     return deploy_site("nginx.replicas.conf", replacements)
 
 
-def nginx_main_config(prefix: Path, site: Path) -> str:
+def nginx_main_config(prefix: Path, site: Path, connections: int = 64, workers: str = "1") -> str:
     """An nginx.conf for a test: pid, logs and temporary files under ``prefix``; ``site`` is
-    included in ``http`` as the official image includes ``conf.d/*.conf``."""
+    included in ``http`` as the official image includes ``conf.d/*.conf``; ``connections``
+    per worker and ``workers`` (a flood needs more than a test: the official image runs
+    ``auto``, a worker a core)."""
     temp = "\n".join(
         f"    {name}_temp_path {prefix / 'tmp' / name};"
         for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
     )
     return f"""\
-worker_processes 1;
+worker_processes {workers};
 pid {prefix / "nginx.pid"};
 error_log {prefix / "logs" / "error.log"} info;
-events {{ worker_connections 64; }}
+events {{ worker_connections {connections}; }}
 http {{
     access_log {prefix / "logs" / "access.log"};
 {temp}
@@ -200,7 +202,9 @@ http {{
 
 
 @contextmanager
-def run_nginx(site_text: Callable[[int], str], prefix: Path) -> Iterator[Nginx]:
+def run_nginx(
+    site_text: Callable[[int], str], prefix: Path, connections: int = 64, workers: str = "1"
+) -> Iterator[Nginx]:
     """nginx with the site ``site_text(port)`` on a free loopback port; stopped afterwards."""
     binary = nginx_binary()
     assert binary, "nginx is not installed"
@@ -211,7 +215,7 @@ def run_nginx(site_text: Callable[[int], str], prefix: Path) -> Iterator[Nginx]:
         port = free_port()
         site = prefix / "site.conf"
         site.write_text(site_text(port))
-        config.write_text(nginx_main_config(prefix, site))
+        config.write_text(nginx_main_config(prefix, site, connections, workers))
         started = subprocess.run(
             [binary, "-c", str(config), "-p", f"{prefix}/"],
             capture_output=True,

@@ -9,6 +9,7 @@ its words must arrive one by one while it runs, not all together at its end.
 from __future__ import annotations
 
 import re
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -178,3 +179,52 @@ def test_the_openai_sdk_streams_through_the_proxy(stack: Stack) -> None:
     assert len(chunks) == 50 + 2  # a chunk per word, the finish_reason, the usage
     assert chunks[-2].choices[0].finish_reason == "length"
     assert chunks[-1].usage == whole.usage
+
+
+def test_a_client_with_too_many_requests_in_flight_is_refused_by_nginx(stack: Stack) -> None:
+    """The 33rd request in flight from one address gets nginx's 429, in the app's body for
+    its path and with Retry-After; another address and /healthz still get through."""
+    held: list[socket.socket] = []
+    try:
+        for _ in range(32):  # requests whose body never comes: in flight until we close
+            address = ("127.0.0.1", stack.nginx.port)
+            held.append(socket.create_connection(address, source_address=(CLIENT, 0)))
+            held[-1].sendall(
+                f"POST {PREFIX}/generate HTTP/1.1\r\nHost: x\r\n"
+                "Content-Type: application/json\r\nContent-Length: 20\r\n\r\n".encode()
+            )
+        with stack.client() as http:
+
+            def refused() -> httpx.Response | None:
+                response = http.post("/generate", json={"max_words": 1})
+                return response if response.status_code == 429 else None
+
+            native = wait_for(refused, "nginx to count the requests in flight", timeout=10)
+            openai = http.post("/v1/completions", json={"prompt": "I", "max_tokens": 1})
+            health = http.get("/healthz")
+        elsewhere = httpx.HTTPTransport(local_address="127.0.0.3")
+        with httpx.Client(base_url=stack.url, transport=elsewhere, timeout=30) as http:
+            other = http.post("/generate", json={"max_words": 1})
+    finally:
+        for sock in held:
+            sock.close()
+    assert native.headers["retry-after"] == "1"
+    assert native.json() == {"detail": "too many requests; retry shortly", "errors": []}
+    assert openai.status_code == 429
+    assert openai.headers["retry-after"] == "1"
+    assert openai.json()["error"]["code"] == "rate_limit_exceeded"
+    assert health.status_code == 200
+    assert other.status_code == 200
+
+
+def test_a_client_over_its_request_rate_is_refused_by_nginx(stack: Stack) -> None:
+    """Past 20 requests a second (after a burst of 40) one address gets nginx's 429s; the
+    first 40 of a burst all pass."""
+    burst = httpx.HTTPTransport(local_address="127.0.0.4")
+    with httpx.Client(base_url=stack.url, transport=burst, timeout=30) as http:
+        answers = [http.get("/info") for _ in range(80)]
+    assert [a.status_code for a in answers[:40]] == [200] * 40
+    refused = [a for a in answers[40:] if a.status_code == 429]
+    assert refused
+    assert all(a.headers["retry-after"] == "1" for a in refused)
+    assert refused[0].json()["detail"] == "too many requests; retry shortly"
