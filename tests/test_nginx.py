@@ -228,3 +228,18 @@ def test_a_client_over_its_request_rate_is_refused_by_nginx(stack: Stack) -> Non
     assert refused
     assert all(a.headers["retry-after"] == "1" for a in refused)
     assert refused[0].json()["detail"] == "too many requests; retry shortly"
+
+
+def test_nginx_logs_no_session_id(stack: Stack) -> None:
+    with stack.client() as http:
+        session = http.post("/sessions", json={"seed_words": "I can"}).json()["session_id"]
+        assert http.get(f"/sessions/{session}", headers={"X-Request-ID": "session-log"}).is_success
+        http.delete(f"/sessions/{session}")
+
+    def logged() -> str | None:
+        log = stack.access_log.read_text()
+        return log if "session-log" in log else None
+
+    log = wait_for(logged, "nginx to log the request")
+    assert session not in log
+    assert f'"GET {PREFIX}/sessions/~ HTTP/1.1" 200' in log
