@@ -12,13 +12,12 @@ they bound the app wherever it runs without this protocol (tests, another server
 from __future__ import annotations
 
 import asyncio
-import json
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from app.errors import ApiError
+from app.errors import ApiError, error_response
 
 
 @dataclass(frozen=True)
@@ -106,9 +105,15 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             part = "headers" if self._awaiting_headers else "body"
             self._refuse(408, f"the request's {part} did not arrive within {delay:g} s")
 
-    def _refuse(self, status: int, message: str) -> None:
-        """Answer ``status`` in the service's error body, unless another response is on the
-        wire, and close: the rest of the request is never read."""
+    def send_400_response(self, msg: str) -> None:
+        """httptools' refusal of malformed HTTP (a negative ``Content-Length``, both a length
+        and chunks, ...), in the same JSON error body as every other refusal."""
+        self._refuse(400, f"malformed HTTP request: {msg.rstrip('.')}", named=False)
+
+    def _refuse(self, status: int, message: str, named: bool = True) -> None:
+        """Answer ``status`` in the error body of the request's path (`error_response`),
+        unless another response is on the wire, and close: the rest of the request is never
+        read. ``named``: the message names the part at fault (headers or body)."""
         cycle = self.cycle
         if self._awaiting_headers:  # the request has no cycle yet; the last one must be done
             free = cycle is None or cycle.response_complete
@@ -116,7 +121,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             free = not cycle.response_started
         if free:
             field = "headers" if self._awaiting_headers else "body"
-            body = json.dumps(ApiError(status, message, [(field, message)]).body()).encode()
+            error = ApiError(status, message, [(field, message)] if named else [])
+            body = error_response(self._app_path(), error).body
             head = [STATUS_LINE[status]]
             for name, value in self.server_state.default_headers:
                 head.extend([name, b": ", value, b"\r\n"])
@@ -124,6 +130,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             head.append(b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body))
             self.transport.write(b"".join(head) + body)
         self.transport.close()
+
+    def _app_path(self) -> str:
+        """The path of the request being read, as far as it came, without the root path."""
+        path = self.url.decode("latin-1").partition("?")[0]
+        return path.removeprefix(self.root_path) if self.root_path else path
 
 
 def limited_protocol(limits: ConnectionLimits) -> type[LimitedHttpToolsProtocol]:

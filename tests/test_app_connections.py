@@ -6,6 +6,7 @@ socket, so that it controls the pace and sees when the server closes the connect
 
 from __future__ import annotations
 
+import json
 import select
 import socket
 import time
@@ -129,3 +130,28 @@ def test_a_body_arriving_steadily_outlives_the_body_timeout(app: App) -> None:
         status_line = sock.recv(65_536).split(b"\r\n", 1)[0]
     assert status_line.startswith(b"HTTP/1.1 "), status_line
     assert b" 408 " not in status_line
+
+
+@pytest.mark.parametrize(
+    ("path", "framing"),
+    [
+        ("/generate", b"Content-Length: -1\r\n"),
+        ("/v1/completions", b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n"),
+    ],
+)
+def test_malformed_http_is_refused_in_the_json_body_of_its_path(
+    app: App, path: str, framing: bytes
+) -> None:
+    with connect(app) as sock:
+        sock.sendall(b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n")
+        received = closed_by_server(sock, 10)
+    assert received is not None
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert b"content-type: application/json" in head.lower()
+    answer = json.loads(body)
+    if path.startswith("/v1/"):
+        assert answer["error"]["message"].startswith("malformed HTTP request")
+        assert answer["error"]["type"] == "invalid_request_error"
+    else:
+        assert answer["detail"].startswith("malformed HTTP request")
