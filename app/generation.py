@@ -79,6 +79,16 @@ class TextResult:
 
 
 @dataclass(frozen=True)
+class TextTokens:
+    """A text as the model reads it: its words (``seed``) and each id's token."""
+
+    model_id: str
+    tokenizer: str
+    seed: Seed
+    tokens: list[str]  # the vocabulary's token of each of seed.ids
+
+
+@dataclass(frozen=True)
 class TextScores:
     """How likely a text is: each word's natural log-probability given the words before it
     (a subword model's: the sum of its pieces'), from the start-of-text state."""

@@ -122,6 +122,8 @@ def create_app(
         version=_version(),
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # served offline by app/routes/apidocs.py
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.models = None

@@ -9,13 +9,15 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from app.engine.handles import WordEvent
-from app.generation import Failed, TextEvent, TextRequest, TextResult, TextScores
+from app.generation import Failed, TextEvent, TextRequest, TextResult, TextScores, TextTokens
 from app.schemas import (
     GenerateRequest,
     GenerateResponse,
     Sample,
     ScoredWord,
     ScoreResponse,
+    TokenizedWord,
+    TokenizeResponse,
     Usage,
     WordEventData,
 )
@@ -35,6 +37,28 @@ def text_request(req: GenerateRequest) -> TextRequest:
         random_seed=req.random_seed,
         session_id=req.session_id,
         on_unknown=req.on_unknown,
+    )
+
+
+def tokenize_response(tokens: TextTokens) -> TokenizeResponse:
+    seed, words, start = tokens.seed, [], 0
+    unknown = set(seed.unknown)
+    for word, size in zip(seed.tokens, seed.sizes, strict=True):
+        words.append(
+            TokenizedWord(
+                word=word,
+                tokens=tokens.tokens[start : start + size],
+                ids=seed.ids[start : start + size],
+                known=word not in unknown,
+            )
+        )
+        start += size
+    return TokenizeResponse(
+        model=tokens.model_id,
+        tokenizer=tokens.tokenizer,
+        words=words,
+        ids=seed.ids,
+        count=len(seed.ids),
     )
 
 

@@ -284,6 +284,29 @@ class ScoreRequest(_Request):
     model: OptionalText = _MODEL
 
 
+class TokenizeRequest(_Request):
+    text: TextToScore = Field(description="A list of words, or a string the tokenizer splits.")
+    model: OptionalText = _MODEL
+
+
+class TokenizedWord(BaseModel):
+    word: str = Field(description="The word as given.")
+    tokens: list[str] = Field(description="Its tokens: one word, or a subword model's pieces.")
+    ids: list[int] = Field(description="Their ids in the model's vocabulary.")
+    known: bool = Field(
+        description="False when the vocabulary lacks it (<unk>, or a case-"
+        "insensitive match); always true for a subword model."
+    )
+
+
+class TokenizeResponse(BaseModel):
+    model: str
+    tokenizer: str = Field(description="The tokenizer's name, as GET /info describes it.")
+    words: list[TokenizedWord]
+    ids: list[int] = Field(description="Every id, in order: what the model reads.")
+    count: int = Field(description="How many ids.")
+
+
 class ScoredWord(BaseModel):
     word: str = Field(description="The word as given.")
     token: str = Field(description="The word as the model saw it.")

@@ -41,6 +41,7 @@ from app.generation import (
     TextResult,
     TextSample,
     TextScores,
+    TextTokens,
 )
 from app.schemas import (
     MAX_RANDOM_SEED,
@@ -336,6 +337,14 @@ class TextService:
             unknown_words=seed.unknown,
             words=[WordProbability(word=w, probability=p) for w, p in ranked],
         )
+
+    def tokenize(self, text: Sequence[str] | str) -> TextTokens:
+        """``text`` cut and mapped as generation and scoring read it (no model work)."""
+        seed = self.encode(text, "replace", field="text")
+        if not seed.ids:
+            raise ApiError.field("text", "holds no words to tokenize")
+        tokens = [self.vocab.tokens[i] for i in seed.ids]
+        return TextTokens(self.model_id, self.vocab.tokenizer.name, seed, tokens)
 
     async def score(self, text: Sequence[str] | str, on_unknown: OnUnknown) -> TextScores:
         """Each word of ``text`` scored from the start of a text (``text`` names the field)."""

@@ -167,3 +167,13 @@ def test_openai_logprobs_of_a_subword_model_are_whole_words(client: TestClient) 
     for top in scores["top_logprobs"]:  # the likeliest pieces that open a word
         assert 1 <= len(top) <= 2
         assert all(math.isfinite(v) and v <= 0 for v in top.values())
+
+
+def test_tokenize_spells_a_new_word_in_pieces(client: TestClient) -> None:
+    answer = post(client, "/tokenize", text="Quixotically the")
+    first, second = answer["words"]
+    assert first["word"] == "Quixotically"
+    assert first["known"]
+    assert len(first["tokens"]) > 1  # a word no vocabulary holds, spelled in pieces
+    assert answer["ids"] == first["ids"] + second["ids"]
+    assert answer["tokenizer"] == "subword"

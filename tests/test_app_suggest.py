@@ -101,3 +101,24 @@ def test_long_texts_are_scored_in_chunks_exactly(client: TestClient) -> None:
     assert [w["log_prob"] for w in out["words"][:300]] == pytest.approx(
         [w["log_prob"] for w in head["words"]], abs=1e-5
     )
+
+
+def test_tokenize_gives_the_ids_the_model_reads(client: TestClient, replay: Replay) -> None:
+    answer = post(client, "/tokenize", text="I can see zzyzx")
+    vocab = replay.loaded.vocab
+    assert [w["word"] for w in answer["words"]] == ["I", "can", "see", "zzyzx"]
+    assert answer["ids"] == vocab.encode_words(["I", "can", "see", "zzyzx"])[0]
+    assert answer["count"] == len(answer["ids"])
+    assert [w["known"] for w in answer["words"]] == [True, True, True, False]
+    assert answer["words"][3]["tokens"] == ["<unk>"]
+    assert answer["words"][0]["tokens"] == [vocab.tokens[answer["ids"][0]]]
+    assert answer["tokenizer"] == vocab.tokenizer.name
+    # The same words as /score reads.
+    scored = post(client, "/score", text="I can see zzyzx")["words"]
+    assert [w["token"] for w in scored] == [t for w in answer["words"] for t in w["tokens"]]
+
+
+def test_tokenize_refuses_a_text_without_words(client: TestClient) -> None:
+    response = client.post("/tokenize", json={"text": "   "})
+    assert response.status_code == 422
+    assert response.json()["errors"][0]["field"] == "text"

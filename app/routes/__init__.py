@@ -9,7 +9,16 @@ from fastapi import APIRouter
 
 from app import metrics
 from app.deps import key_required
-from app.routes import generate, openai, playground, probabilities, sessions, status
+from app.routes import (
+    apidocs,
+    generate,
+    openai,
+    playground,
+    probabilities,
+    sessions,
+    status,
+    tokenize,
+)
 from app.settings import Settings
 
 
@@ -20,11 +29,13 @@ def api_router(settings: Settings) -> APIRouter:
     router.include_router(status.router)
     # The playground's page and files hold no data (its API calls carry the key typed into it).
     router.include_router(playground.router)
+    router.include_router(apidocs.router)  # the API's documentation, open as the schema is
     for protected in (
         metrics.router,
         generate.router,
         sessions.router,
         probabilities.router,
+        tokenize.router,
         status.info_router,
         openai.router,
     ):
