@@ -101,13 +101,17 @@ class OpenAIError(ApiError):
         param: str | None = None,
         code: str | None = None,
         headers: Mapping[str, str] | None = None,
+        kind: str | None = None,
     ) -> None:
         super().__init__(status, message, headers=headers)
         self.param = param
         self.code = code
+        self.kind = kind  # OpenAI's error type, when the status does not say it
 
     def openai_body(self) -> dict[str, Any]:
-        kind = ERROR_TYPES.get(self.status, "server_error" if self.status >= 500 else "")
+        kind = self.kind or ERROR_TYPES.get(
+            self.status, "server_error" if self.status >= 500 else ""
+        )
         return {
             "error": {
                 "message": self.detail,
@@ -243,7 +247,19 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     headers = dict(exc.headers or {})
     if exc.status_code == 405:
         headers["Allow"] = ", ".join(_allowed_methods(request))
+    if exc.status_code == 404:  # no route has this path: name it (OpenAI's words on /v1/)
+        return _answer(request, _no_route(request))
     return _answer(request, ApiError(exc.status_code, str(exc.detail), headers=headers))
+
+
+def _no_route(request: Request) -> ApiError:
+    from app.logs import log_safe  # app.logs and app.middleware import this module
+    from app.middleware import app_path
+
+    method, path = log_safe(request.method), log_safe(request.url.path)
+    if app_path(request.scope).startswith(OPENAI_PREFIX):
+        return OpenAIError(404, f"Invalid URL ({method} {path})", kind="invalid_request_error")
+    return ApiError(404, f"no route {method} {path}; GET /docs lists the API")
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:

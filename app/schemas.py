@@ -368,6 +368,9 @@ class InfoResponse(BaseModel):
     parameters: int
     vocab_size: int
     tokenizer: dict[str, Any]
+    chat_template: dict[str, str] = Field(
+        description="How /v1/chat/completions renders a conversation for the model to continue."
+    )
     corpus: dict[str, Any] | None
     best_valid_perplexity: float | None
     best_valid_bits_per_char: float | None = Field(

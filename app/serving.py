@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import anyio
 
+from app.chat import TEMPLATE
 from app.engine import (
     Engine,
     EngineBusy,
@@ -379,6 +380,7 @@ class TextService:
             parameters=count_parameters(loaded.model),
             vocab_size=len(self.vocab),
             tokenizer=self.vocab.tokenizer.describe(),
+            chat_template=TEMPLATE,
             # The digest and the counts; the sources are paths on the training machine.
             corpus=(
                 {k: v for k, v in corpus.items() if k not in ("sources", "valid_sources")}

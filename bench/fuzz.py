@@ -58,6 +58,8 @@ LIMITS: dict[str, tuple[str, ...]] = {
     "seed_words": ("are accepted", "not in the vocabulary", "fit in a session"),
     "text": ("are accepted", "not in the vocabulary", "no words to score"),
     "prompt": ("are accepted", "prompts in one request"),
+    "messages": ("are accepted",),  # the conversation's words, past the seed limit
+    "max_completion_tokens": ("at most",),
     "best_of": ("only 1 (or n)",),
 }
 API_KEY = "fuzz-key-0123456789"

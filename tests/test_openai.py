@@ -15,10 +15,12 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
+from app.chat import TEMPLATE, TURN_MARKER, render
 from app.engine.handles import WordEvent
 from app.errors import ApiError
 from app.generation import Failed
 from app.main import create_app
+from app.openai.protocol import ChatMessage
 from tests.app_helpers import settings_for
 
 
@@ -432,3 +434,114 @@ def test_a_failure_after_the_stream_started_is_an_error_chunk(
     assert next(stream).choices[0].text == " the"
     with pytest.raises(openai.APIError, match="stopping"):
         next(stream)
+
+
+# -- chat completions --------------------------------------------------------------------------
+
+CONVERSATION: list[dict[str, Any]] = [
+    {"role": "system", "content": "A play."},
+    {"role": "user", "content": "I can see"},
+    {"role": "assistant", "content": "the sea"},
+    {"role": "user", "content": [{"type": "text", "text": "and"}, {"type": "text", "text": "I"}]},
+]
+
+
+def test_the_chat_template_renders_a_conversation_for_the_model() -> None:
+    messages = [ChatMessage.model_validate(m).message() for m in CONVERSATION]
+    assert (
+        render(messages)
+        == "A play.\n\nUser: I can see\nAssistant: the sea\nUser: and I\nAssistant:"
+    )
+    developer = ChatMessage.model_validate({"role": "developer", "content": "Be\nbrief."})
+    assert render([developer.message()]) == "Be brief.\n\nAssistant:"  # one line per turn
+
+
+def test_a_chat_reply_continues_the_rendered_conversation(
+    client: TestClient, sdk: openai.OpenAI, model: str
+) -> None:
+    chat = sdk.chat.completions.create(
+        model=model,
+        messages=CONVERSATION,  # type: ignore[arg-type]
+        max_completion_tokens=8,
+        n=2,
+        seed=9,
+        extra_body={"top_k": 5},
+    )
+    assert chat.object == "chat.completion"
+    assert chat.id.startswith("chatcmpl-")
+    plain = generate(
+        client,
+        seed_words=render([ChatMessage.model_validate(m).message() for m in CONVERSATION]),
+        max_words=8,
+        n=2,
+        random_seed=9,
+        top_k=5,
+        temperature=1.0,
+        stop=[TURN_MARKER],
+    )
+    for choice, sample in zip(chat.choices, plain["samples"], strict=True):
+        assert choice.message.role == "assistant"
+        assert choice.message.content == sample["generated_text"].lstrip()
+        assert choice.finish_reason == sample["finish_reason"]
+    assert chat.usage is not None
+    assert chat.usage.prompt_tokens == plain["usage"]["seed_words"]
+    assert chat.usage.completion_tokens == plain["usage"]["generated_words"]
+
+
+def test_a_streamed_chat_reply_adds_up_to_the_plain_one(sdk: openai.OpenAI, model: str) -> None:
+    params: dict[str, Any] = {
+        "model": model,
+        "messages": CONVERSATION,
+        "max_tokens": 10,
+        "seed": 4,
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+    whole = sdk.chat.completions.create(**params)
+    chunks = list(
+        sdk.chat.completions.create(**params, stream=True, stream_options={"include_usage": True})
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text, scores, finish = "", [], None
+    for chunk in chunks[:-1]:
+        assert chunk.object == "chat.completion.chunk"
+        [choice] = chunk.choices
+        text += choice.delta.content or ""
+        if choice.logprobs is not None and choice.logprobs.content:
+            scores += [t.logprob for t in choice.logprobs.content]
+        finish = choice.finish_reason or finish
+    [choice] = whole.choices
+    assert text == choice.message.content
+    assert finish == choice.finish_reason
+    assert choice.logprobs is not None
+    assert choice.logprobs.content is not None
+    assert scores == [t.logprob for t in choice.logprobs.content]
+    for token in choice.logprobs.content:
+        assert 1 <= len(token.top_logprobs) <= 2
+        assert bytes(token.bytes or []) == token.token.encode()
+    assert chunks[-1].usage is not None
+    assert chunks[-1].choices == []
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}, "max_tokens"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
+    ],
+)
+def test_a_bad_chat_request_is_openais_400(
+    client: TestClient, body: dict[str, Any], param: str
+) -> None:
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"].startswith(param), error
+
+
+def test_the_chat_template_is_on_the_model_card(client: TestClient, model: str) -> None:
+    card = client.get(f"/v1/models/{model}").json()
+    assert card["chat_template"] == TEMPLATE == client.get("/info").json()["chat_template"]

@@ -39,4 +39,5 @@ def model_card(service: TextService, models: ModelRegistry) -> ModelCard:
         best_valid_perplexity=info.best_valid_perplexity,
         training={k: manifest[k] for k in TRAINING_FIGURES if k in manifest},
         corpus=info.corpus,
+        chat_template=info.chat_template,
     )

@@ -114,7 +114,7 @@ class Completions:
                         finish_reason=sample.finish_reason,
                     )
                 )
-        return Completion(**self._head(), choices=choices, usage=_usage(results))
+        return Completion(**self._head(), choices=choices, usage=usage_of(results))
 
     async def stream(self, stopping: anyio.Event) -> AsyncIterator[dict[str, str]]:
         """Start every prompt's stream (refusals raise before any byte is sent), then chunks."""
@@ -166,7 +166,7 @@ class Completions:
                     for sample in event.result.samples:
                         yield self._chunk(p * self.n + sample.index, "", sample.finish_reason)
         if include_usage:
-            usage = _usage(results).model_dump()
+            usage = usage_of(results).model_dump()
             yield {"data": json.dumps({**self._head(), "choices": [], "usage": usage})}
         yield {"data": "[DONE]"}
 
@@ -215,16 +215,10 @@ class Completions:
         for piece in pieces:
             offsets.append(start)
             start += len(piece)
-        top_logprobs = []
-        for alternatives in tops:
-            top: dict[str, float] = {}
-            for token, log_prob in alternatives:
-                top.setdefault(token, log_prob)
-            top_logprobs.append(top)
         return CompletionLogprobs(
             tokens=list(pieces),
             token_logprobs=list(log_probs),
-            top_logprobs=top_logprobs,
+            top_logprobs=[likeliest(alternatives) for alternatives in tops],
             text_offset=offsets,
         )
 
@@ -243,7 +237,15 @@ def _joined(
     )
 
 
-def _usage(results: Sequence[TextResult]) -> CompletionUsage:
+def likeliest(alternatives: Alternatives) -> dict[str, float]:
+    """Alternatives by their text, best first; of two that spell alike, the likelier."""
+    top: dict[str, float] = {}
+    for token, log_prob in alternatives:
+        top.setdefault(token, log_prob)
+    return top
+
+
+def usage_of(results: Sequence[TextResult]) -> CompletionUsage:
     prompt = sum(len(r.seed.tokens) for r in results)
     completion = sum(r.generated_words for r in results)
     return CompletionUsage(

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator
 
+from app.chat import Message
 from app.errors import OpenAIError
 from app.schemas import MAX_RANDOM_SEED, OptionalInteger, OptionalText, StopStrings, ValidUnicode
 
@@ -123,6 +124,116 @@ class CompletionRequest(BaseModel):
             raise OpenAIError(400, "best_of: only 1 (or n) is supported", "best_of")
 
 
+class ChatContentPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["text"] = Field(description="Only text parts are supported.")
+    text: Annotated[str, ValidUnicode]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        description="A developer message counts as a system one; tools are not supported."
+    )
+    content: Annotated[str, ValidUnicode] | list[ChatContentPart]
+    name: OptionalText = Field(None, description="Accepted and ignored.")
+
+    def message(self) -> Message:
+        text = (
+            self.content
+            if isinstance(self.content, str)
+            else " ".join(part.text for part in self.content)
+        )
+        return Message("system" if self.role == "developer" else self.role, text)
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI's chat completion request, on the chat template of ``app/chat.py``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    model: OptionalText = Field(None, description="The id from GET /v1/models (or the run name).")
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    max_completion_tokens: OptionalInteger = Field(
+        None, ge=0, description="Words to generate per reply (default 64, or the server's limit)."
+    )
+    max_tokens: OptionalInteger = Field(None, ge=0, description="The old name of the above.")
+    temperature: float | None = Field(1.0, ge=0, le=2, description="0 means greedy.")
+    top_p: float | None = Field(1.0, gt=0, le=1)
+    n: OptionalInteger = Field(1, ge=1, description="Replies to the conversation.")
+    stop: StopStrings | None = Field(
+        None, description="Strings that end a reply, besides the turn marker."
+    )
+    seed: OptionalInteger = Field(
+        None, ge=0, le=MAX_RANDOM_SEED, description="The same request and seed give the same text."
+    )
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    logprobs: bool | None = Field(
+        False, description="Return each word's log-probability (as POST /score gives it)."
+    )
+    top_logprobs: OptionalInteger = Field(
+        None,
+        ge=0,
+        le=5,
+        description="This many likeliest alternatives of each word too (implies logprobs).",
+    )
+    user: OptionalText = Field(None, description="Accepted and ignored.")
+    logit_bias: Annotated[
+        dict[str, int] | None,
+        _unsupported(
+            "not supported; send {} or leave it out",
+            ({},),
+            Annotated[dict[str, int], Field(max_length=0)] | None,
+        ),
+    ] = Field(None, description="Only an empty map is accepted.")
+    frequency_penalty: Penalty = None
+    presence_penalty: Penalty = None
+    top_k: OptionalInteger = Field(
+        0,
+        ge=0,
+        description="An extra field: sample among the k most likely words; 0 means all.",
+    )
+
+
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float | None
+    bytes: list[int]
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class ChatReply(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatReply
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["length", "stop"]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChatChoice]
+    usage: CompletionUsage
+
+
 class CompletionLogprobs(BaseModel):
     """Per generated word (a token here): the text it adds, its natural log-probability, the
     likeliest alternatives where it began, and where it starts in the choice's text."""
@@ -184,6 +295,9 @@ class ModelCard(BaseModel):
         + "."
     )
     corpus: dict[str, Any] | None = Field(description="The training corpus' digest and counts.")
+    chat_template: dict[str, str] = Field(
+        description="How /v1/chat/completions renders a conversation for the model."
+    )
 
 
 class ModelList(BaseModel):

@@ -16,8 +16,11 @@ from sse_starlette import EventSourceResponse
 
 from app.deps import ModelsDep
 from app.openai.cards import model_card
+from app.openai.chat import ChatCompletions
 from app.openai.completions import Completions
 from app.openai.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
     Completion,
     CompletionRequest,
     ModelCard,
@@ -145,6 +148,81 @@ async def create_completion(
             shutdown_grace_period=SHUTDOWN_GRACE_SECONDS,
         )
     work = models.run(req.model, lambda service: completions(service).create())
+    return await cancelled_on_disconnect(request, work)
+
+
+CHAT_EXAMPLES: dict[str, Example] = {
+    "plain": {
+        "summary": "Reply to a conversation",
+        "value": {
+            "messages": [
+                {"role": "system", "content": "A play."},
+                {"role": "user", "content": "Who goes there?"},
+            ],
+            "max_completion_tokens": 20,
+            "seed": 42,
+        },
+    },
+}
+
+CHAT_STREAM_DOC: dict[str, Any] = {
+    "description": (
+        "With `stream: true`: server-sent events, `chat.completion.chunk`s: per choice one with "
+        "`delta.role`, one per word with `delta.content`, one with its `finish_reason`; with "
+        "`stream_options.include_usage` a chunk with `usage` and no choices; then "
+        "`data: [DONE]`. A failure after the start is a chunk holding `error`."
+    ),
+    "content": {
+        "text/event-stream": {
+            "schema": {
+                "type": "object",
+                "required": ["data"],
+                "properties": {
+                    "data": {
+                        "anyOf": [
+                            {"const": "[DONE]"},
+                            json_data({"type": "object"}),
+                        ]
+                    }
+                },
+            },
+            "example": 'data: {"id":"chatcmpl-...","object":"chat.completion.chunk","choices":'
+            '[{"index":0,"delta":{"content":" the"},"logprobs":null,"finish_reason":null}]}\n\n'
+            "data: [DONE]\n\n",
+        }
+    },
+}
+
+
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletion,
+    response_model_exclude_none=True,
+    responses={200: CHAT_STREAM_DOC, **ERRORS, **TIMEOUT},
+    summary="Create a chat completion (OpenAI-compatible)",
+)
+async def create_chat_completion(
+    req: Annotated[ChatCompletionRequest, Body(openapi_examples=CHAT_EXAMPLES)],
+    models: ModelsDep,
+    request: Request,
+) -> ChatCompletion | EventSourceResponse:
+    """OpenAI's chat completions on the model `model`: the conversation is rendered by the
+    chat template (`GET /info` shows it) and each reply ends at the next turn marker. The
+    model has no notion of turns: it continues a text that looks like a dialogue."""
+
+    def chat(service: TextService) -> ChatCompletions:
+        return ChatCompletions(service, req, models.registry.card_id(service))
+
+    if req.stream:
+        stopping = anyio.Event()
+        return EventSourceResponse(
+            await models.stream(req.model, lambda service: chat(service).stream(stopping)),
+            headers=SSE_HEADERS,
+            sep="\n",
+            shutdown_event=stopping,
+            shutdown_grace_period=SHUTDOWN_GRACE_SECONDS,
+        )
+    work = models.run(req.model, lambda service: chat(service).create())
     return await cancelled_on_disconnect(request, work)
 
 
