@@ -17,7 +17,7 @@ from app.chat import TURN_MARKER, render
 from app.engine.handles import WordEvent
 from app.errors import ApiError, OpenAIError, from_api_error
 from app.generation import Failed, TextEvent, TextRequest
-from app.openai.completions import likeliest, usage_of
+from app.openai.completions import chunk_frame, failure_frames, likeliest, usage_of
 from app.openai.protocol import (
     ChatChoice,
     ChatCompletion,
@@ -108,9 +108,8 @@ class ChatCompletions:
                     scores = self._logprobs([event.text], [event.log_prob], [event.top])
                     yield self._chunk(event.index, {"content": text}, scores)
                 elif isinstance(event, Failed):
-                    error = OpenAIError(500, event.error.detail)
-                    yield {"data": json.dumps(error.openai_body())}
-                    yield {"data": "[DONE]"}
+                    for frame in failure_frames(event):
+                        yield frame
                     return
                 else:
                     for sample in event.result.samples:
@@ -128,14 +127,8 @@ class ChatCompletions:
         scores: ChatLogprobs | None = None,
         finish: str | None = None,
     ) -> dict[str, str]:
-        choice = {
-            "index": index,
-            "delta": delta,
-            "logprobs": scores.model_dump() if scores is not None else None,
-            "finish_reason": finish,
-        }
-        body = {**self._head(), "object": "chat.completion.chunk", "choices": [choice]}
-        return {"data": json.dumps(body)}
+        head = {**self._head(), "object": "chat.completion.chunk"}
+        return chunk_frame(head, index, {"delta": delta}, scores, finish)
 
     def _logprobs(
         self,

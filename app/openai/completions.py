@@ -18,6 +18,7 @@ from contextlib import aclosing
 from typing import Any
 
 import anyio
+from pydantic import BaseModel
 
 from app.engine.handles import WordEvent
 from app.errors import ApiError, OpenAIError, from_api_error
@@ -155,11 +156,8 @@ class Completions:
                     scores = self._logprobs([event.text], [event.log_prob], [event.top], start)
                     yield self._chunk(index, event.text, None, scores)
                 elif isinstance(event, Failed):
-                    # The request was accepted; what ends a stream early is the server's doing
-                    # (it is stopping, or failed), so the error is a server error.
-                    error = OpenAIError(500, event.error.detail)
-                    yield {"data": json.dumps(error.openai_body())}
-                    yield {"data": "[DONE]"}
+                    for frame in failure_frames(event):
+                        yield frame
                     return
                 else:
                     results.append(event.result)
@@ -177,13 +175,7 @@ class Completions:
         finish: str | None,
         scores: CompletionLogprobs | None = None,
     ) -> dict[str, str]:
-        choice = {
-            "index": index,
-            "text": text,
-            "logprobs": scores.model_dump() if scores is not None else None,
-            "finish_reason": finish,
-        }
-        return {"data": json.dumps({**self._head(), "choices": [choice]})}
+        return chunk_frame(self._head(), index, {"text": text}, scores, finish)
 
     async def _echoed(self, i: int, prompt: str) -> CompletionLogprobs | None:
         """The log-probabilities of prompt ``i``'s words when they are echoed with them (the
@@ -235,6 +227,31 @@ def _joined(
         top_logprobs=head.top_logprobs + tail.top_logprobs,
         text_offset=head.text_offset + tail.text_offset,
     )
+
+
+def chunk_frame(
+    head: dict[str, Any],
+    index: int,
+    content: dict[str, Any],
+    scores: BaseModel | None,
+    finish: str | None,
+) -> dict[str, str]:
+    """The server-sent event of one streamed choice: ``head`` (id, model, ...), then the
+    choice's ``content`` (text or delta), its log-probabilities and its finish reason."""
+    choice = {
+        "index": index,
+        **content,
+        "logprobs": scores.model_dump() if scores is not None else None,
+        "finish_reason": finish,
+    }
+    return {"data": json.dumps({**head, "choices": [choice]})}
+
+
+def failure_frames(event: Failed) -> list[dict[str, str]]:
+    """How a stream cut short ends: OpenAI's error body, then ``[DONE]``. The request had been
+    accepted, so what ended it is the server's doing (stopping, or failing): a server error."""
+    error = OpenAIError(500, event.error.detail)
+    return [{"data": json.dumps(error.openai_body())}, {"data": "[DONE]"}]
 
 
 def likeliest(alternatives: Alternatives) -> dict[str, float]:

@@ -66,29 +66,20 @@ class StreamOptions(BaseModel):
     )
 
 
-class CompletionRequest(BaseModel):
-    """OpenAI's completion request. ``null`` means the default, as in OpenAI's API."""
+class _SamplingRequest(BaseModel):
+    """The fields OpenAI's completion and chat completion requests share. ``null`` means the
+    default, as in OpenAI's API."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     model: OptionalText = Field(None, description="The id from GET /v1/models (or the run name).")
-    prompt: Prompt = Field(
-        "",
-        description="The text to continue, split by the model's tokenizer; a list of texts "
-        "gives n completions for each. Token-id prompts are not supported.",
-    )
-    max_tokens: OptionalInteger = Field(16, ge=0, description="Words to generate per completion.")
     temperature: float | None = Field(1.0, ge=0, le=2, description="0 means greedy.")
     top_p: float | None = Field(1.0, gt=0, le=1)
-    n: OptionalInteger = Field(1, ge=1, description="Completions per prompt.")
-    stop: StopStrings | None = Field(None, description="Strings that end a completion.")
     seed: OptionalInteger = Field(
         None, ge=0, le=MAX_RANDOM_SEED, description="The same request and seed give the same text."
     )
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    echo: bool | None = Field(False, description="Return the prompt before each completion.")
-    best_of: OptionalInteger = Field(None, ge=1, description="Only 1 (or equal to n) is supported.")
     user: OptionalText = Field(None, description="Accepted and ignored.")
     logit_bias: Annotated[
         dict[str, int] | None,
@@ -98,6 +89,28 @@ class CompletionRequest(BaseModel):
             Annotated[dict[str, int], Field(max_length=0)] | None,
         ),
     ] = Field(None, description="Only an empty map is accepted.")
+    frequency_penalty: Penalty = None
+    presence_penalty: Penalty = None
+    top_k: OptionalInteger = Field(
+        0,
+        ge=0,
+        description="An extra field: sample among the k most likely words; 0 means all.",
+    )
+
+
+class CompletionRequest(_SamplingRequest):
+    """OpenAI's completion request."""
+
+    prompt: Prompt = Field(
+        "",
+        description="The text to continue, split by the model's tokenizer; a list of texts "
+        "gives n completions for each. Token-id prompts are not supported.",
+    )
+    max_tokens: OptionalInteger = Field(16, ge=0, description="Words to generate per completion.")
+    n: OptionalInteger = Field(1, ge=1, description="Completions per prompt.")
+    stop: StopStrings | None = Field(None, description="Strings that end a completion.")
+    echo: bool | None = Field(False, description="Return the prompt before each completion.")
+    best_of: OptionalInteger = Field(None, ge=1, description="Only 1 (or equal to n) is supported.")
     suffix: Annotated[None, _unsupported("insertion is not supported; leave suffix out")] = None
     logprobs: OptionalInteger = Field(
         None,
@@ -106,13 +119,6 @@ class CompletionRequest(BaseModel):
         description="Return each word's log-probability (as POST /score gives it) and this "
         "many likeliest alternatives where it began; with echo, the prompt's words too (the "
         "first one's is null).",
-    )
-    frequency_penalty: Penalty = None
-    presence_penalty: Penalty = None
-    top_k: OptionalInteger = Field(
-        0,
-        ge=0,
-        description="An extra field: sample among the k most likely words; 0 means all.",
     )
 
     @property
@@ -149,28 +155,18 @@ class ChatMessage(BaseModel):
         return Message("system" if self.role == "developer" else self.role, text)
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(_SamplingRequest):
     """OpenAI's chat completion request, on the chat template of ``app/chat.py``."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
-
-    model: OptionalText = Field(None, description="The id from GET /v1/models (or the run name).")
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
     max_completion_tokens: OptionalInteger = Field(
         None, ge=0, description="Words to generate per reply (default 64, or the server's limit)."
     )
     max_tokens: OptionalInteger = Field(None, ge=0, description="The old name of the above.")
-    temperature: float | None = Field(1.0, ge=0, le=2, description="0 means greedy.")
-    top_p: float | None = Field(1.0, gt=0, le=1)
     n: OptionalInteger = Field(1, ge=1, description="Replies to the conversation.")
     stop: StopStrings | None = Field(
         None, description="Strings that end a reply, besides the turn marker."
     )
-    seed: OptionalInteger = Field(
-        None, ge=0, le=MAX_RANDOM_SEED, description="The same request and seed give the same text."
-    )
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
     logprobs: bool | None = Field(
         False, description="Return each word's log-probability (as POST /score gives it)."
     )
@@ -179,22 +175,6 @@ class ChatCompletionRequest(BaseModel):
         ge=0,
         le=5,
         description="This many likeliest alternatives of each word too (implies logprobs).",
-    )
-    user: OptionalText = Field(None, description="Accepted and ignored.")
-    logit_bias: Annotated[
-        dict[str, int] | None,
-        _unsupported(
-            "not supported; send {} or leave it out",
-            ({},),
-            Annotated[dict[str, int], Field(max_length=0)] | None,
-        ),
-    ] = Field(None, description="Only an empty map is accepted.")
-    frequency_penalty: Penalty = None
-    presence_penalty: Penalty = None
-    top_k: OptionalInteger = Field(
-        0,
-        ge=0,
-        description="An extra field: sample among the k most likely words; 0 means all.",
     )
 
 

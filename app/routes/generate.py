@@ -7,7 +7,7 @@ as its event generator is closed, a plain request through `cancelled_on_disconne
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
 import anyio
@@ -61,6 +61,27 @@ EXAMPLES: dict[str, Example] = {
     },
     "start": {"summary": "From the start of a text", "value": {}},
 }
+
+
+async def answered(
+    request: Request,
+    stream: bool,
+    events: Callable[[anyio.Event], Awaitable[AsyncIterator[dict[str, str]]]],
+    result: Callable[[], Awaitable[T]],
+) -> T | EventSourceResponse:
+    """The answer of a route that streams on request: ``events`` as server-sent events (told
+    by the event it is given when the server stops, so that they can end with an error), or
+    ``result`` (cancelled if the client leaves). Refusals raise before anything is sent."""
+    if stream:
+        stopping = anyio.Event()
+        return EventSourceResponse(
+            await events(stopping),
+            headers=SSE_HEADERS,
+            sep="\n",
+            shutdown_event=stopping,
+            shutdown_grace_period=SHUTDOWN_GRACE_SECONDS,
+        )
+    return await cancelled_on_disconnect(request, result())
 
 
 async def cancelled_on_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -143,19 +164,16 @@ async def generate(
     (after temperature and top-p) and feeds the chosen word back, carrying the hidden state.
     """
     asked = text_request(req)
-    if req.stream:
-        stopping = anyio.Event()
-        return EventSourceResponse(
-            sse_events(
-                await models.stream(
-                    req.model,
-                    lambda service: service.stream(asked, stopping, owner=models.owner),
-                )
-            ),
-            headers=SSE_HEADERS,
-            sep="\n",
-            shutdown_event=stopping,
-            shutdown_grace_period=SHUTDOWN_GRACE_SECONDS,
+
+    async def events(stopping: anyio.Event) -> AsyncIterator[dict[str, str]]:
+        return sse_events(
+            await models.stream(
+                req.model, lambda service: service.stream(asked, stopping, owner=models.owner)
+            )
         )
-    work = models.run(req.model, lambda service: service.generate(asked, owner=models.owner))
-    return generate_response(await cancelled_on_disconnect(request, work))
+
+    async def result() -> GenerateResponse:
+        work = models.run(req.model, lambda s: s.generate(asked, owner=models.owner))
+        return generate_response(await work)
+
+    return await answered(request, req.stream, events, result)

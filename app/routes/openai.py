@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-import anyio
 from fastapi import APIRouter, Body, Path, Request
 from fastapi.openapi.models import Example
 from sse_starlette import EventSourceResponse
@@ -28,7 +27,7 @@ from app.openai.protocol import (
     OpenAIErrorResponse,
 )
 from app.routes.docs import RETRY_AFTER, component, json_data
-from app.routes.generate import SHUTDOWN_GRACE_SECONDS, SSE_HEADERS, cancelled_on_disconnect
+from app.routes.generate import answered
 from app.schemas import MODEL_NAME_MAX_CHARS
 from app.serving import TextService
 
@@ -83,41 +82,32 @@ EXAMPLES: dict[str, Example] = {
     },
 }
 
-STREAM_DOC: dict[str, Any] = {
-    "description": (
-        "With `stream: true`: server-sent events, one `text_completion` chunk per word "
-        "(`choices[0].text` is what it adds), a last chunk per choice with its `finish_reason`, "
-        "with `stream_options.include_usage` a chunk with `usage` and no choices, then "
-        "`data: [DONE]`. A failure after the start is a chunk holding `error`."
-    ),
-    "content": {
-        "text/event-stream": {
-            # Each event, as schemathesis and OpenAPI 3.2's itemSchema read it.
-            "schema": {
-                "type": "object",
-                "required": ["data"],
-                "properties": {
-                    "data": {
-                        "anyOf": [
-                            {"const": "[DONE]"},
-                            json_data(
-                                {
-                                    "anyOf": [
-                                        component("Completion"),
-                                        component("OpenAIErrorResponse"),
-                                    ]
-                                }
-                            ),
-                        ]
-                    }
-                },
-            },
-            "example": 'data: {"id":"cmpl-...","object":"text_completion","choices":'
-            '[{"index":0,"text":" the","logprobs":null,"finish_reason":null}]}\n\n'
-            "data: [DONE]\n\n",
-        }
-    },
-}
+
+def _stream_doc(description: str, chunk: dict[str, Any], example: str) -> dict[str, Any]:
+    """The OpenAPI description of an OpenAI stream: ``data:`` frames holding ``chunk`` (or an
+    error), then ``data: [DONE]``; as schemathesis and OpenAPI 3.2's itemSchema read it."""
+    data = {"anyOf": [chunk, component("OpenAIErrorResponse")]}
+    schema = {
+        "type": "object",
+        "required": ["data"],
+        "properties": {"data": {"anyOf": [{"const": "[DONE]"}, json_data(data)]}},
+    }
+    return {
+        "description": description,
+        "content": {"text/event-stream": {"schema": schema, "example": example}},
+    }
+
+
+STREAM_DOC = _stream_doc(
+    "With `stream: true`: server-sent events, one `text_completion` chunk per word "
+    "(`choices[0].text` is what it adds), a last chunk per choice with its `finish_reason`, "
+    "with `stream_options.include_usage` a chunk with `usage` and no choices, then "
+    "`data: [DONE]`. A failure after the start is a chunk holding `error`.",
+    component("Completion"),
+    'data: {"id":"cmpl-...","object":"text_completion","choices":'
+    '[{"index":0,"text":" the","logprobs":null,"finish_reason":null}]}\n\n'
+    "data: [DONE]\n\n",
+)
 
 
 @router.post(
@@ -138,17 +128,12 @@ async def create_completion(
     def completions(service: TextService) -> Completions:
         return Completions(service, req, models.registry.card_id(service))
 
-    if req.stream:
-        stopping = anyio.Event()
-        return EventSourceResponse(
-            await models.stream(req.model, lambda service: completions(service).stream(stopping)),
-            headers=SSE_HEADERS,
-            sep="\n",
-            shutdown_event=stopping,
-            shutdown_grace_period=SHUTDOWN_GRACE_SECONDS,
-        )
-    work = models.run(req.model, lambda service: completions(service).create())
-    return await cancelled_on_disconnect(request, work)
+    return await answered(
+        request,
+        bool(req.stream),
+        lambda stopping: models.stream(req.model, lambda s: completions(s).stream(stopping)),
+        lambda: models.run(req.model, lambda s: completions(s).create()),
+    )
 
 
 CHAT_EXAMPLES: dict[str, Example] = {
@@ -165,33 +150,16 @@ CHAT_EXAMPLES: dict[str, Example] = {
     },
 }
 
-CHAT_STREAM_DOC: dict[str, Any] = {
-    "description": (
-        "With `stream: true`: server-sent events, `chat.completion.chunk`s: per choice one with "
-        "`delta.role`, one per word with `delta.content`, one with its `finish_reason`; with "
-        "`stream_options.include_usage` a chunk with `usage` and no choices; then "
-        "`data: [DONE]`. A failure after the start is a chunk holding `error`."
-    ),
-    "content": {
-        "text/event-stream": {
-            "schema": {
-                "type": "object",
-                "required": ["data"],
-                "properties": {
-                    "data": {
-                        "anyOf": [
-                            {"const": "[DONE]"},
-                            json_data({"type": "object"}),
-                        ]
-                    }
-                },
-            },
-            "example": 'data: {"id":"chatcmpl-...","object":"chat.completion.chunk","choices":'
-            '[{"index":0,"delta":{"content":" the"},"logprobs":null,"finish_reason":null}]}\n\n'
-            "data: [DONE]\n\n",
-        }
-    },
-}
+CHAT_STREAM_DOC = _stream_doc(
+    "With `stream: true`: server-sent events, `chat.completion.chunk`s: per choice one with "
+    "`delta.role`, one per word with `delta.content`, one with its `finish_reason`; with "
+    "`stream_options.include_usage` a chunk with `usage` and no choices; then "
+    "`data: [DONE]`. A failure after the start is a chunk holding `error`.",
+    {"type": "object", "required": ["id", "object", "choices"]},
+    'data: {"id":"chatcmpl-...","object":"chat.completion.chunk","choices":'
+    '[{"index":0,"delta":{"content":" the"},"logprobs":null,"finish_reason":null}]}\n\n'
+    "data: [DONE]\n\n",
+)
 
 
 @router.post(
@@ -213,17 +181,12 @@ async def create_chat_completion(
     def chat(service: TextService) -> ChatCompletions:
         return ChatCompletions(service, req, models.registry.card_id(service))
 
-    if req.stream:
-        stopping = anyio.Event()
-        return EventSourceResponse(
-            await models.stream(req.model, lambda service: chat(service).stream(stopping)),
-            headers=SSE_HEADERS,
-            sep="\n",
-            shutdown_event=stopping,
-            shutdown_grace_period=SHUTDOWN_GRACE_SECONDS,
-        )
-    work = models.run(req.model, lambda service: chat(service).create())
-    return await cancelled_on_disconnect(request, work)
+    return await answered(
+        request,
+        bool(req.stream),
+        lambda stopping: models.stream(req.model, lambda s: chat(s).stream(stopping)),
+        lambda: models.run(req.model, lambda s: chat(s).create()),
+    )
 
 
 @router.get("/models", response_model=ModelList, responses=ERRORS, summary="List the models")
