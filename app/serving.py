@@ -339,6 +339,15 @@ class TextService:
             words=[WordProbability(word=w, probability=p) for w, p in ranked],
         )
 
+    def word_ids(self, words: Sequence[str]) -> list[int]:
+        """Each word's id: the word's own, or a subword model's first piece's."""
+        ids, _, sizes = self.vocab.encode_words(words)
+        firsts, start = [], 0
+        for size in sizes:
+            firsts.append(ids[start] if size else self.vocab.unk_id)
+            start += size
+        return firsts
+
     def tokenize(self, text: Sequence[str] | str) -> TextTokens:
         """``text`` cut and mapped as generation and scoring read it (no model work)."""
         seed = self.encode(text, "replace", field="text")

@@ -17,6 +17,7 @@ from app.routes import (
     probabilities,
     sessions,
     status,
+    tgi,
     tokenize,
 )
 from app.settings import Settings
@@ -38,6 +39,7 @@ def api_router(settings: Settings) -> APIRouter:
         tokenize.router,
         status.info_router,
         openai.router,
+        tgi.router,
     ):
         router.include_router(protected, dependencies=key_required(settings))
     return router

@@ -14,8 +14,9 @@ from importlib import resources
 from fastapi import APIRouter, Response
 
 from app.errors import ApiError
+from app.routes.docs import errors
 
-router = APIRouter(include_in_schema=False)
+router = APIRouter(tags=["playground"])
 
 STATIC = resources.files("app") / "static"
 FILES = {
@@ -39,12 +40,21 @@ def _file(name: str, media_type: str) -> Response:
     return Response((STATIC / name).read_bytes(), media_type=media_type, headers=HEADERS)
 
 
-@router.get("/")
+@router.get(
+    "/",
+    response_class=Response,
+    responses={
+        200: {"content": {"text/html": {}}, "description": "The playground page."},
+        **errors(429),
+    },
+    summary="The playground",
+)
 async def playground() -> Response:
+    """A page to try the model in a browser (`POST /` is Hugging Face's protocol)."""
     return _file("index.html", "text/html; charset=utf-8")
 
 
-@router.get("/static/{name}")
+@router.get("/static/{name}", include_in_schema=False)
 async def static_file(name: str) -> Response:
     media_type = FILES.get(name)
     if media_type is None:
