@@ -36,6 +36,10 @@ class TextRequest:
     session_id: str | None = None
     on_unknown: OnUnknown = "replace"
     logprobs: int | None = None  # each word's log-probability, and this many alternatives
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    no_repeat_ngram_size: int = 0
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,10 @@ def text_request(req: GenerateRequest) -> TextRequest:
         random_seed=req.random_seed,
         session_id=req.session_id,
         on_unknown=req.on_unknown,
+        repetition_penalty=req.repetition_penalty,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        no_repeat_ngram_size=req.no_repeat_ngram_size,
     )
 
 

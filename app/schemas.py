@@ -172,6 +172,29 @@ class GenerateRequest(_Request):
     uniform: bool = Field(
         False, description="Pick uniformly among the kept words, as the lab's sampler does."
     )
+    repetition_penalty: float = Field(
+        1.0,
+        ge=1,
+        le=10,
+        description="Divides the positive score and multiplies the negative one of every word "
+        "already in the text (CTRL's penalty); 1 means none. A subword model's are its pieces.",
+    )
+    presence_penalty: float = Field(
+        0.0, ge=-2, le=2, description="OpenAI's: subtracted once from each word generated so far."
+    )
+    frequency_penalty: float = Field(
+        0.0,
+        ge=-2,
+        le=2,
+        description="OpenAI's: subtracted from each word generated so far, times its count.",
+    )
+    no_repeat_ngram_size: Integer = Field(
+        0,
+        ge=0,
+        le=32,
+        description="No n-gram of this many words (a subword model's: pieces) occurs twice in "
+        "the text; 0 means no limit.",
+    )
     random_seed: OptionalInteger = Field(
         None,
         ge=0,

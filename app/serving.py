@@ -204,10 +204,22 @@ class TextService:
                 )
         context = [*history, *seed.tokens]
         prefix = self.vocab.join_words(context)[len(self.vocab.join_words(history)) :]
+        params = SamplingParams(
+            req.top_k,
+            req.temperature,
+            req.top_p,
+            req.uniform,
+            req.repetition_penalty,
+            req.presence_penalty,
+            req.frequency_penalty,
+            req.no_repeat_ngram_size,
+        )
         job = GenerationJob(
             seed_ids=seed.ids,
             context=context,
-            params=SamplingParams(req.top_k, req.temperature, req.top_p, req.uniform),
+            params=params,
+            # What the repetition controls see before the new words: the session's and the seed's.
+            history=([*self.vocab.encode_words(history)[0], *seed.ids] if params.penalizes else ()),
             random_seed=(
                 req.random_seed
                 if req.random_seed is not None

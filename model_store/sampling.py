@@ -22,6 +22,7 @@ never on which other rows share its batch.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -53,6 +54,10 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     uniform: bool = False
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    no_repeat_ngram_size: int = 0
 
     def __post_init__(self) -> None:
         if self.top_k < 0:
@@ -61,6 +66,68 @@ class SamplingParams:
             raise ValueError("temperature must be a finite number >= 0 (0 means greedy)")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError("top_p must be in (0, 1]")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty >= 1):
+            raise ValueError("repetition_penalty must be a finite number >= 1 (1: none)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2] (0: none)")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError("no_repeat_ngram_size must be >= 0 (0: none)")
+
+    @property
+    def penalizes(self) -> bool:
+        """Whether the text so far changes this row's scores (`penalize`)."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.no_repeat_ngram_size > 0
+        )
+
+
+def penalize(
+    logits: Tensor,
+    params: Sequence[SamplingParams],
+    texts: Sequence[Sequence[int]],
+    generated: Sequence[int],
+) -> Tensor:
+    """(B, V) ``logits`` after each row's repetition controls; rows without any keep theirs.
+
+    ``texts[i]`` holds row i's ids so far (what it continues, then what it generated: the
+    last ``generated[i]`` of them). ``repetition_penalty`` (CTRL) divides a positive score
+    and multiplies a negative one of every id in the text; ``presence_penalty`` and
+    ``frequency_penalty`` (OpenAI's) subtract, from each id generated so far, the penalty
+    once and the penalty times its count; ``no_repeat_ngram_size`` n forbids the ids that
+    would complete an n-gram the text already holds.
+    """
+    rows = [i for i, p in enumerate(params) if p.penalizes]
+    if not rows:
+        return logits
+    logits = logits.float().clone()
+    device = logits.device
+    for i in rows:
+        p, text = params[i], list(texts[i])
+        if p.repetition_penalty != 1.0 and text:
+            ids = torch.tensor(sorted(set(text)), device=device)
+            scores = logits[i, ids]
+            logits[i, ids] = torch.where(
+                scores > 0, scores / p.repetition_penalty, scores * p.repetition_penalty
+            )
+        recent = text[len(text) - generated[i] :] if generated[i] else []
+        if (p.presence_penalty or p.frequency_penalty) and recent:
+            counts = Counter(recent)
+            ids = torch.tensor(list(counts), device=device)
+            times = torch.tensor(list(counts.values()), dtype=torch.float32, device=device)
+            logits[i, ids] -= times * p.frequency_penalty + p.presence_penalty
+        n = p.no_repeat_ngram_size
+        if n and len(text) >= n - 1:
+            prefix = text[len(text) - (n - 1) :] if n > 1 else []
+            banned = {
+                text[j + n - 1] for j in range(len(text) - n + 1) if text[j : j + n - 1] == prefix
+            }
+            if banned:
+                logits[i, torch.tensor(sorted(banned), device=device)] = -torch.inf
+    return logits
 
 
 def make_generator(seed: int) -> torch.Generator:
@@ -258,7 +325,8 @@ def generate(
         if should_stop is not None and should_stop():
             break
         banned = [*banned_ids, *first_banned_ids] if step == 0 else banned_ids
-        (word,) = sample(next_logits(model, hidden), [params], [generator], banned)
+        logits = penalize(next_logits(model, hidden), [params], [[*seed_ids, *out]], [len(out)])
+        (word,) = sample(logits, [params], [generator], banned)
         out.append(word)
         hidden = advance(model, hidden, [word])
     return out, hidden

@@ -260,3 +260,22 @@ def test_a_tiny_temperature_is_greedy(client: TestClient) -> None:
     greedy = generate(client, seed_words="I can", max_words=8, temperature=0)
     tiny = generate(client, seed_words="I can", max_words=8, temperature=1e-30, random_seed=3)
     assert tiny["words"] == greedy["words"]
+
+
+def test_repetition_controls_apply_and_bad_ones_are_named(client: TestClient) -> None:
+    body = {"seed_words": "I can see", "max_words": 40, "temperature": 0, "top_k": 0}
+    looping = client.post("/generate", json=body).json()["words"]
+    controlled = client.post("/generate", json={**body, "no_repeat_ngram_size": 2}).json()
+    words = ["I", "can", "see", *controlled["words"]]
+    pairs = [tuple(words[i : i + 2]) for i in range(len(words) - 1)]
+    assert len(pairs) == len(set(pairs))
+    assert controlled["words"] != looping
+    for field, value in [
+        ("repetition_penalty", 0.5),
+        ("presence_penalty", 3),
+        ("frequency_penalty", -2.5),
+        ("no_repeat_ngram_size", -1),
+    ]:
+        response = client.post("/generate", json={**body, field: value})
+        assert response.status_code == 422
+        assert response.json()["errors"][0]["field"] == field

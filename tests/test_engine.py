@@ -95,11 +95,17 @@ def arrivals(draw: st.DrawFn, loaded: Checkpoint) -> list[Arrival]:
             temperature=draw(st.sampled_from([0.0, 0.5, 1.0, 3.0])),
             top_p=draw(st.sampled_from([0.3, 0.9, 1.0])),
             uniform=draw(st.booleans()),
+            repetition_penalty=draw(st.sampled_from([1.0, 1.3])),
+            presence_penalty=draw(st.sampled_from([0.0, 0.8])),
+            frequency_penalty=draw(st.sampled_from([0.0, -0.5])),
+            no_repeat_ngram_size=draw(st.sampled_from([0, 2])),
         )
+        seed_ids = vocab.encode_lenient(seed)[0]
         generation = GenerationJob(
-            seed_ids=vocab.encode_lenient(seed)[0],
+            seed_ids=seed_ids,
             context=[*history, *seed],
             params=params,
+            history=[*vocab.encode_lenient(history)[0], *seed_ids],
             random_seed=draw(st.integers(0, 2**53 - 1)),
             max_words=draw(st.integers(0, 12)),
             n=1 if session else draw(st.integers(1, 3)),

@@ -225,7 +225,7 @@ def test_a_stream_is_unbuffered_sse_ending_in_done(client: TestClient) -> None:
         ({"logprobs": 6}, "logprobs"),
         ({"suffix": "end"}, "suffix"),
         ({"best_of": 3}, "best_of"),
-        ({"frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"frequency_penalty": 2.5}, "frequency_penalty"),
         ({"logit_bias": {"50256": -100}}, "logit_bias"),
         ({"prompt": [1, 2, 3]}, "prompt"),
         ({"prompt": ["I can"] * 5}, "prompt"),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from model_store import checkpoint
 from model_store.network import CELLS, Hidden, ModelConfig, WordRNN, hidden_parts, hidden_select
 from model_store.sampling import (
     SamplingParams,
@@ -18,6 +21,7 @@ from model_store.sampling import (
     generate,
     make_generator,
     next_logits,
+    penalize,
     prime,
     sample,
     start_state,
@@ -337,3 +341,54 @@ def test_params_reject_a_non_finite_temperature(temperature: float) -> None:
 def test_sample_needs_one_params_and_one_generator_per_row() -> None:
     with pytest.raises(ValueError, match="one SamplingParams and one generator per row"):
         sample(random_logits(0, rows=2), [SamplingParams()], [make_generator(0)])
+
+
+def test_penalties_change_the_scores_as_defined() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    text, generated = [[0, 1, 0]], [2]  # the seed [0], then 1 and 0 were generated
+
+    def penalized(**fields: Any) -> list[float]:
+        return penalize(logits, [SamplingParams(**fields)], text, generated)[0].tolist()
+
+    # CTRL: a positive score divided, a negative one multiplied, for every id in the text.
+    assert penalized(repetition_penalty=2.0) == [1.0, -2.0, 0.5, 3.0]
+    # OpenAI: the generated ids lose the presence penalty once, the frequency one per time.
+    assert penalized(presence_penalty=0.5, frequency_penalty=0.25) == [1.25, -1.75, 0.5, 3.0]
+    # After "0 1 0", "0" was followed by 1: no 2-gram "0 1" again.
+    assert penalized(no_repeat_ngram_size=2) == [2.0, -math.inf, 0.5, 3.0]
+    assert penalized(no_repeat_ngram_size=1) == [-math.inf, -math.inf, 0.5, 3.0]
+    assert penalized() == logits[0].tolist()  # none asked: untouched
+
+
+def test_greedy_with_no_repeat_ngrams_never_repeats_one(tiny_run: Path) -> None:
+    loaded = checkpoint.load(tiny_run, "cpu")
+    vocab = loaded.vocab
+    seed = vocab.encode_lenient(["I", "can", "see"])[0]
+    params = SamplingParams(top_k=0, temperature=0, no_repeat_ngram_size=3)
+    ids, _ = generate(
+        loaded.model, seed, 60, params, make_generator(0), vocab.bos_id,
+        banned_ids=vocab.special_ids,
+    )  # fmt: skip
+    text = [*seed, *ids]
+    trigrams = [tuple(text[i : i + 3]) for i in range(len(text) - 2)]
+    assert len(trigrams) == len(set(trigrams))
+    plain, _ = generate(
+        loaded.model, seed, 60, SamplingParams(top_k=0, temperature=0), make_generator(0),
+        vocab.bos_id, banned_ids=vocab.special_ids,
+    )  # fmt: skip
+    text = [*seed, *plain]
+    assert len({tuple(text[i : i + 3]) for i in range(len(text) - 2)}) < len(text) - 2  # loops
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"repetition_penalty": 0.5},
+        {"presence_penalty": 2.5},
+        {"frequency_penalty": -3.0},
+        {"no_repeat_ngram_size": -1},
+    ],
+)
+def test_bad_penalties_are_refused(fields: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match=next(iter(fields))):
+        SamplingParams(**fields)

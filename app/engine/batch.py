@@ -35,7 +35,14 @@ from app.engine.handles import (
 )
 from app.text import Alternatives, Continuation
 from model_store.network import Hidden, WordRNN, hidden_cat, hidden_select, hidden_to
-from model_store.sampling import advance, make_generator, next_logits, sample, start_states
+from model_store.sampling import (
+    advance,
+    make_generator,
+    next_logits,
+    penalize,
+    sample,
+    start_states,
+)
 from model_store.vocab import Vocab
 
 log = logging.getLogger("app")
@@ -58,6 +65,8 @@ class _Row:
     index: int  # the sample's index in its request
     generator: torch.Generator
     states: list[Hidden] | None  # after each word (a session with stop strings), else None
+    text: list[int] = field(default_factory=list)  # ids so far, kept for repetition controls
+    generated: int = 0  # how many of them this row drew
 
 
 @dataclass(frozen=True)
@@ -148,8 +157,9 @@ class Batch:
             seq.state = start
             return seq, []
         keep = job.keep_state and bool(job.stop)
+        history = list(job.history) if job.params.penalizes else []
         rows = [
-            _Row(seq, i, make_generator(job.random_seed + i), [start] if keep else None)
+            _Row(seq, i, make_generator(job.random_seed + i), [start] if keep else None, history[:])
             for i in range(job.n)
         ]
         return seq, rows
@@ -167,6 +177,10 @@ class Batch:
                 logits = logits.index_copy(
                     0, index, logits[index].masked_fill(~self._opening, -math.inf)
                 )
+        if any(row.seq.job.params.penalizes for row in rows):
+            params = [row.seq.job.params for row in rows]
+            texts, counts = [row.text for row in rows], [row.generated for row in rows]
+            logits = penalize(logits, params, texts, counts)
         ids, failed = self._sample(logits)
         scores = self._scores(raw, ids)
         before, hidden = self.hidden, advance(self.model, self.hidden, ids)
@@ -278,6 +292,9 @@ class Batch:
         seq = row.seq
         text = seq.texts[row.index]
         accepted = text.push_token(self.vocab.tokens[word_id], *score)
+        if accepted and seq.job.params.penalizes:
+            row.text.append(word_id)
+            row.generated += 1
         if not accepted:
             hidden = before
         elif row.states is not None:

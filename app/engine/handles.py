@@ -73,6 +73,7 @@ class GenerationJob:
     keep_state: bool = False
     stream: bool = False
     logprobs: int | None = None  # each word's log-probability and this many alternatives
+    history: Sequence[int] = ()  # the ids before the seed's end, for repetition controls
 
 
 @dataclass(frozen=True)

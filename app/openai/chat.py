@@ -55,6 +55,8 @@ class ChatCompletions:
             top_p=req.top_p or 1.0,
             stop=(*(req.stop or ()), TURN_MARKER),
             random_seed=req.seed,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
             # top_logprobs alone implies logprobs (OpenAI would refuse it).
             logprobs=req.top_logprobs
             if req.top_logprobs is not None

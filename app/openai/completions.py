@@ -46,6 +46,8 @@ def text_request(req: CompletionRequest, prompt: str) -> TextRequest:
         stop=tuple(req.stop or ()),
         random_seed=req.seed,
         logprobs=req.logprobs,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
     )
 
 

@@ -50,14 +50,6 @@ def _unsupported(message: str, accepted: tuple[object, ...] = (), schema: Any = 
     return PlainValidator(check, json_schema_input_type=schema)
 
 
-Penalty = Annotated[
-    float | None,
-    _unsupported(
-        "penalties are not supported; leave it out or send 0", (0, 0.0), Literal[0] | None
-    ),
-]
-
-
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -89,8 +81,12 @@ class _SamplingRequest(BaseModel):
             Annotated[dict[str, int], Field(max_length=0)] | None,
         ),
     ] = Field(None, description="Only an empty map is accepted.")
-    frequency_penalty: Penalty = None
-    presence_penalty: Penalty = None
+    frequency_penalty: float | None = Field(
+        0.0, ge=-2, le=2, description="Subtracted from each word generated so far, times its count."
+    )
+    presence_penalty: float | None = Field(
+        0.0, ge=-2, le=2, description="Subtracted once from each word generated so far."
+    )
     top_k: OptionalInteger = Field(
         0,
         ge=0,

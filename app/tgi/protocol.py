@@ -52,14 +52,12 @@ class Parameters(BaseModel):
         bool | None, _neutral((False,), "not supported; leave it out", Literal[False] | None)
     ] = None
     best_of: Annotated[int | None, _neutral((1,), "only 1 is supported", Literal[1] | None)] = None
-    repetition_penalty: Annotated[
-        float | None,
-        _neutral((1, 1.0), "penalties are not supported; leave it out", Literal[1] | None),
-    ] = None
-    frequency_penalty: Annotated[
-        float | None,
-        _neutral((0, 0.0), "penalties are not supported; leave it out", Literal[0] | None),
-    ] = None
+    repetition_penalty: float | None = Field(
+        None, ge=1, le=10, description="CTRL's penalty of every word already in the text."
+    )
+    frequency_penalty: float | None = Field(
+        None, ge=-2, le=2, description="Subtracted from each generated word, times its count."
+    )
     truncate: Annotated[
         int | None, _neutral((), "truncation is not supported; leave it out", None)
     ] = None

@@ -51,6 +51,8 @@ class TextGeneration:
             top_p=p.top_p or 1.0,
             stop=tuple(p.stop or ()),
             random_seed=p.seed,
+            repetition_penalty=p.repetition_penalty or 1.0,
+            frequency_penalty=p.frequency_penalty or 0.0,
             # A stream's frames always carry each word's log-probability.
             logprobs=(p.top_n_tokens or 0) if self.details or req.stream else None,
         )
