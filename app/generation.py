@@ -40,6 +40,8 @@ class TextRequest:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     no_repeat_ngram_size: int = 0
+    bad_words: Sequence[str] = ()  # words or phrases never generated
+    min_words: int = 0  # no stop string before this many words
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,8 @@ def text_request(req: GenerateRequest) -> TextRequest:
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,
         no_repeat_ngram_size=req.no_repeat_ngram_size,
+        bad_words=tuple(req.bad_words or ()),
+        min_words=req.min_words,
     )
 
 

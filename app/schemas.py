@@ -121,6 +121,12 @@ TextToScore = Annotated[
     ),
     ValidUnicode,
 ]
+MAX_BAD_WORDS = 32
+BadWords = Annotated[
+    list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]],
+    Field(max_length=MAX_BAD_WORDS),
+    ValidUnicode,
+]
 StopStrings = Annotated[
     list[str],
     PlainValidator(
@@ -187,6 +193,14 @@ class GenerateRequest(_Request):
         ge=-2,
         le=2,
         description="OpenAI's: subtracted from each word generated so far, times its count.",
+    )
+    bad_words: BadWords | None = Field(
+        None,
+        description="Words or phrases never generated (a phrase is blocked at its last word), "
+        "split by the model's tokenizer; a word the vocabulary lacks cannot be generated anyway.",
+    )
+    min_words: Integer = Field(
+        0, ge=0, description="No stop string ends a sample before this many words."
     )
     no_repeat_ngram_size: Integer = Field(
         0,

@@ -183,6 +183,8 @@ class TextService:
             problems.append(
                 ("top_k", f"at most {len(self.vocab)} (the vocabulary size); 0 means all words")
             )
+        if req.min_words > req.max_words:
+            problems.append(("min_words", f"at most max_words ({req.max_words})"))
         if req.session_id is not None and req.n > 1:
             problems.append(("n", "a session continues one text: use n=1 with session_id"))
         if problems:
@@ -213,6 +215,7 @@ class TextService:
             req.presence_penalty,
             req.frequency_penalty,
             req.no_repeat_ngram_size,
+            self._bad_words(req.bad_words),
         )
         job = GenerationJob(
             seed_ids=seed.ids,
@@ -230,10 +233,21 @@ class TextService:
             stop=tuple(req.stop),
             hidden=session.hidden if session else None,
             keep_state=session is not None,
+            min_words=req.min_words,
             stream=stream,
             logprobs=req.logprobs,
         )
         return _Plan(job, seed, session, prefix)
+
+    def _bad_words(self, phrases: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+        """Each phrase as the ids the model would write it with; a phrase with a word the
+        vocabulary lacks cannot be written, and is left out (never <unk> banned instead)."""
+        out = []
+        for phrase in phrases:
+            ids, _, _ = self.vocab.encode_words(self.vocab.split_words(phrase))
+            if ids and self.vocab.unk_id not in ids:
+                out.append(tuple(ids))
+        return tuple(out)
 
     async def _finish(self, plan: _Plan, result: GenerationResult) -> TextResult:
         first = result.samples[0]

@@ -75,6 +75,7 @@ class Continuation:
         context: Sequence[str],
         stops: Sequence[str] = (),
         max_words: int | None = None,
+        min_words: int = 0,
     ) -> None:
         self._vocab = vocab
         self._subword = vocab.is_subword
@@ -83,6 +84,7 @@ class Continuation:
         self._stops = tuple(stops)
         self._longest = max((len(s) for s in self._stops), default=0)
         self._max_words = max_words
+        self._min_words = min_words  # stop strings count only in the text after these words
         # A word is one token, or up to PIECES_PER_WORD pieces on average (and one word more).
         per_word, spare = (PIECES_PER_WORD, PIECES_PER_WORD) if self._subword else (1, 0)
         self._max_tokens = None if max_words is None else max_words * per_word + spare
@@ -171,11 +173,15 @@ class Continuation:
         self._tops.append(top)
         self._token_ends.append(self.tokens)
         self._ends.append(len(self._text))
-        # A new match must end past the old text, so it starts at most len(stop) - 1 before it.
+        # A new match must end past the old text, so it starts at most len(stop) - 1 before it;
+        # and it must start after the first min_words words.
+        if len(self.words) < self._min_words:
+            return
+        floor = self._ends[self._min_words - 1] if self._min_words else 0
         found = [
             i
             for stop in self._stops
-            if (i := self._text.find(stop, max(0, before - len(stop) + 1))) >= 0
+            if (i := self._text.find(stop, max(floor, before - len(stop) + 1))) >= 0
         ]
         if found and self._cut is None:
             self._cut = min(found)

@@ -61,6 +61,7 @@ LIMITS: dict[str, tuple[str, ...]] = {
     "messages": ("are accepted",),  # the conversation's words, past the seed limit
     "max_completion_tokens": ("at most",),
     "best_of": ("only 1 (or n)",),
+    "min_words": ("at most max_words",),  # a rule between two fields, which no schema states
 }
 API_KEY = "fuzz-key-0123456789"
 # Both ways of sending a key, so that schemathesis knows them as explicit (valid) credentials.

@@ -58,6 +58,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     no_repeat_ngram_size: int = 0
+    bad_words: tuple[tuple[int, ...], ...] = ()  # id sequences never generated
 
     def __post_init__(self) -> None:
         if self.top_k < 0:
@@ -73,6 +74,8 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2] (0: none)")
         if self.no_repeat_ngram_size < 0:
             raise ValueError("no_repeat_ngram_size must be >= 0 (0: none)")
+        if any(not phrase for phrase in self.bad_words):
+            raise ValueError("bad_words must not hold an empty phrase")
 
     @property
     def penalizes(self) -> bool:
@@ -82,6 +85,7 @@ class SamplingParams:
             or self.presence_penalty != 0.0
             or self.frequency_penalty != 0.0
             or self.no_repeat_ngram_size > 0
+            or bool(self.bad_words)
         )
 
 
@@ -98,7 +102,8 @@ def penalize(
     and multiplies a negative one of every id in the text; ``presence_penalty`` and
     ``frequency_penalty`` (OpenAI's) subtract, from each id generated so far, the penalty
     once and the penalty times its count; ``no_repeat_ngram_size`` n forbids the ids that
-    would complete an n-gram the text already holds.
+    would complete an n-gram the text already holds; a ``bad_words`` phrase is blocked at its
+    last id, once the text ends with the ids before it.
     """
     rows = [i for i, p in enumerate(params) if p.penalizes]
     if not rows:
@@ -119,14 +124,19 @@ def penalize(
             ids = torch.tensor(list(counts), device=device)
             times = torch.tensor(list(counts.values()), dtype=torch.float32, device=device)
             logits[i, ids] -= times * p.frequency_penalty + p.presence_penalty
+        banned: set[int] = set()
         n = p.no_repeat_ngram_size
         if n and len(text) >= n - 1:
             prefix = text[len(text) - (n - 1) :] if n > 1 else []
-            banned = {
+            banned |= {
                 text[j + n - 1] for j in range(len(text) - n + 1) if text[j : j + n - 1] == prefix
             }
-            if banned:
-                logits[i, torch.tensor(sorted(banned), device=device)] = -torch.inf
+        for phrase in p.bad_words:
+            head = list(phrase[:-1])
+            if not head or text[len(text) - len(head) :] == head:
+                banned.add(phrase[-1])
+        if banned:
+            logits[i, torch.tensor(sorted(banned), device=device)] = -torch.inf
     return logits
 
 

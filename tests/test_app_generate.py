@@ -279,3 +279,28 @@ def test_repetition_controls_apply_and_bad_ones_are_named(client: TestClient) ->
         response = client.post("/generate", json={**body, field: value})
         assert response.status_code == 422
         assert response.json()["errors"][0]["field"] == field
+
+
+def test_bad_words_never_appear(client: TestClient) -> None:
+    body = {"seed_words": "I can", "max_words": 40, "n": 6, "top_k": 0, "random_seed": 1}
+    free = client.post("/generate", json=body).json()
+    assert any("the" in s["words"] for s in free["samples"])  # the control has work to do
+    blocked = client.post("/generate", json={**body, "bad_words": ["the", "I can"]}).json()
+    for sample in blocked["samples"]:
+        words = ["I", "can", *sample["words"]]
+        assert "the" not in sample["words"]
+        assert all(words[i : i + 2] != ["I", "can"] for i in range(1, len(words) - 1))
+
+
+def test_min_words_holds_stop_strings_back(client: TestClient) -> None:
+    body = {"seed_words": "I can", "max_words": 30, "stop": ["e"], "random_seed": 2}
+    early = client.post("/generate", json=body).json()
+    assert len(early["words"]) < 10
+    held = client.post("/generate", json={**body, "min_words": 10}).json()
+    assert len(held["words"]) >= 10
+    # The same draws: the words that stopped the early sample are there, and went on.
+    assert held["words"][: len(early["words"])] == early["words"]
+    assert held["finish_reason"] == "stop" or len(held["words"]) == 30
+    refused = client.post("/generate", json={**body, "min_words": 31})
+    assert refused.status_code == 422
+    assert refused.json()["errors"][0]["field"] == "min_words"

@@ -440,8 +440,9 @@ def poison_text(monkeypatch: pytest.MonkeyPatch) -> None:
             context: Sequence[str],
             stops: Sequence[str] = (),
             max_words: int | None = None,
+            min_words: int = 0,
         ) -> None:
-            super().__init__(vocab, context, stops, max_words)
+            super().__init__(vocab, context, stops, max_words, min_words)
             self.poisoned = MARK in context
 
         def push(self, word: str, *score: Any) -> None:

@@ -392,3 +392,12 @@ def test_greedy_with_no_repeat_ngrams_never_repeats_one(tiny_run: Path) -> None:
 def test_bad_penalties_are_refused(fields: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=next(iter(fields))):
         SamplingParams(**fields)
+
+
+def test_bad_words_are_blocked_at_their_last_id() -> None:
+    logits = torch.zeros(1, 5)
+    params = SamplingParams(bad_words=((3,), (1, 2)))
+    after_one = penalize(logits, [params], [[0, 1]], [0])[0].tolist()
+    assert after_one == [0.0, 0.0, -math.inf, -math.inf, 0.0]  # "1 2" would complete there
+    elsewhere = penalize(logits, [params], [[0, 4]], [0])[0].tolist()
+    assert elsewhere == [0.0, 0.0, 0.0, -math.inf, 0.0]

@@ -150,7 +150,8 @@ class Batch:
     ) -> tuple[_Sequence, list[_Row]]:
         """A joining request and its rows (none when it asks for no words)."""
         texts = [
-            Continuation(self.vocab, job.context, job.stop, job.max_words) for _ in range(job.n)
+            Continuation(self.vocab, job.context, job.stop, job.max_words, job.min_words)
+            for _ in range(job.n)
         ]
         seq = _Sequence(key, job, texts, running=job.n)
         if job.max_words == 0:

@@ -74,6 +74,7 @@ class GenerationJob:
     stream: bool = False
     logprobs: int | None = None  # each word's log-probability and this many alternatives
     history: Sequence[int] = ()  # the ids before the seed's end, for repetition controls
+    min_words: int = 0  # stop strings count only after this many words
 
 
 @dataclass(frozen=True)
