@@ -116,6 +116,7 @@ class Server:
         env: Mapping[str, str] | None = None,
         log_level: str = "warning",
         device: str = "cpu",
+        module: str = "app",
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -124,6 +125,8 @@ class Server:
             sys.executable, "-m", "app", "--model-dir", str(run_dir), "--port", str(self.port),
             "--device", device, "--log-level", log_level, *args,
         ]  # fmt: skip
+        if module != "app":  # another server (bench/floor.py): only the port
+            command = [sys.executable, "-m", module, "--port", str(self.port)]
         environ = {k: v for k, v in os.environ.items() if not k.startswith("WORDRNN_")}
         environ.update(env or {})
         with self.log_path.open("w") as log:

@@ -1,6 +1,7 @@
 """The HTTP routes, one module per resource; `api_router` gathers them.
 
-Handlers stay thin: they take a validated body, call `TextService`, and return its model.
+Handlers stay thin: they take a validated body, call `TextService` through their format's
+translation (``app/native.py``, ``app/openai/``, ``app/tgi/``), and return its answer.
 """
 
 from __future__ import annotations
