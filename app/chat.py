@@ -10,7 +10,7 @@ turn is opened, and the reply is what the model writes up to the next turn marke
     User: And the moon?
     Assistant:               <- the model continues here; its reply stops at "\\nUser:"
 
-`TEMPLATE` describes it for ``GET /info`` and the model cards, from the same strings.
+`TEMPLATE` describes it for ``GET /info`` and the model cards: the strings `render` uses.
 """
 
 from __future__ import annotations
@@ -21,15 +21,15 @@ from typing import Literal
 
 Role = Literal["system", "user", "assistant"]
 
-SPEAKERS = {"user": "User", "assistant": "Assistant"}
-TURN_MARKER = "\nUser:"  # where a reply ends: the next turn
-TEMPLATE = {
-    "system": "{content}\\n\\n",
-    "user": "User: {content}\\n",
-    "assistant": "Assistant: {content}\\n",
-    "reply_starts_with": "Assistant:",
-    "reply_stops_at": TURN_MARKER.replace("\n", "\\n"),
+# Each message's text by its role, the assistant's opening, and where a reply ends.
+FORMATS: dict[Role, str] = {
+    "system": "{content}\n\n",
+    "user": "User: {content}\n",
+    "assistant": "Assistant: {content}\n",
 }
+REPLY_OPENS = "Assistant:"
+TURN_MARKER = "\nUser:"
+TEMPLATE = {**FORMATS, "reply_starts_with": REPLY_OPENS, "reply_stops_at": TURN_MARKER}
 
 
 @dataclass(frozen=True)
@@ -40,11 +40,9 @@ class Message:
 
 def render(messages: Sequence[Message]) -> str:
     """The text of ``messages`` with the assistant's turn opened, for the model to continue."""
-    parts = []
-    for message in messages:
-        content = " ".join(message.content.split())  # one line: a newline would end the turn
-        if message.role == "system":
-            parts.append(f"{content}\n\n")
-        else:
-            parts.append(f"{SPEAKERS[message.role]}: {content}\n")
-    return "".join(parts) + "Assistant:"
+    parts = [
+        # One line each: a newline inside a message would end its turn.
+        FORMATS[m.role].format(content=" ".join(m.content.split()))
+        for m in messages
+    ]
+    return "".join(parts) + REPLY_OPENS

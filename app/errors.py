@@ -30,6 +30,8 @@ log = logging.getLogger("app")
 OPENAI_PREFIX = "/v1/"
 # The service's field names, as the OpenAI request calls them.
 OPENAI_NAMES = {"seed_words": "prompt", "max_words": "max_tokens", "random_seed": "seed"}
+# The same, for a chat completion: the seed words are the rendered conversation.
+CHAT_NAMES = {**OPENAI_NAMES, "seed_words": "messages"}
 # Fields that stand for the request as a whole: OpenAI's ``param`` is null for them.
 WHOLE_REQUEST = frozenset({"body", "headers"})
 ERROR_TYPES = {
@@ -126,18 +128,23 @@ def error_body(detail: str, errors: Iterable[tuple[str, str]] = ()) -> dict[str,
     return {"detail": detail, "errors": [{"field": f, "message": m} for f, m in errors]}
 
 
-def openai_name(field: str, prompt_index: int | None = None) -> str:
-    """The OpenAI name of a service field (``seed_words`` of the 2nd prompt: ``prompt[1]``)."""
+def openai_name(
+    field: str, prompt_index: int | None = None, names: Mapping[str, str] = OPENAI_NAMES
+) -> str:
+    """The OpenAI name of a service field (``seed_words`` of the 2nd prompt: ``prompt[1]``);
+    ``names`` maps the fields a route calls otherwise."""
     head, dot, rest = field.partition(".")
-    name = OPENAI_NAMES.get(head, head)
+    name = names.get(head, head)
     if name == "prompt" and prompt_index is not None:
         name = f"prompt[{prompt_index}]"
     return name + dot + rest
 
 
-def from_api_error(exc: ApiError, prompt_index: int | None = None) -> OpenAIError:
-    """The service's error, with OpenAI's field names and status (422 becomes 400); an
-    `OpenAIError` is in OpenAI's terms already."""
+def from_api_error(
+    exc: ApiError, prompt_index: int | None = None, names: Mapping[str, str] = OPENAI_NAMES
+) -> OpenAIError:
+    """The service's error, with OpenAI's field names (``names``) and status (422 becomes
+    400); an `OpenAIError` is in OpenAI's terms already."""
     if isinstance(exc, OpenAIError):
         return exc
     if isinstance(exc, UnknownModel):
@@ -145,7 +152,7 @@ def from_api_error(exc: ApiError, prompt_index: int | None = None) -> OpenAIErro
     status = 400 if exc.status == 422 else exc.status
     if not exc.errors:
         return OpenAIError(status, exc.detail, headers=exc.headers)
-    named = [(openai_name(f, prompt_index), m) for f, m in exc.errors]
+    named = [(openai_name(f, prompt_index, names), m) for f, m in exc.errors]
     message = "; ".join(f"{f}: {m}" for f, m in named)
     param = named[0][0] if named[0][0] not in WHOLE_REQUEST else None
     return OpenAIError(status, message, param=param, headers=exc.headers)

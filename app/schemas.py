@@ -159,6 +159,19 @@ _MODEL = Field(
 )
 
 
+def unsupported(message: str, accepted: tuple[object, ...] = (), schema: Any = None) -> Any:
+    """A parameter of another API that this model cannot honour: null, or one of ``accepted``
+    (of the same JSON type), passes; anything else is refused with ``message``. ``schema`` is
+    the type that states the accepted values in the API schema."""
+
+    def check(value: object) -> object:
+        if value is None or any(type(value) is type(a) and value == a for a in accepted):
+            return value
+        raise ValueError(message)
+
+    return PlainValidator(check, json_schema_input_type=schema)
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 

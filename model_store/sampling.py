@@ -25,6 +25,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -77,9 +78,9 @@ class SamplingParams:
         if any(not phrase for phrase in self.bad_words):
             raise ValueError("bad_words must not hold an empty phrase")
 
-    @property
+    @cached_property
     def penalizes(self) -> bool:
-        """Whether the text so far changes this row's scores (`penalize`)."""
+        """Whether the text so far changes this row's scores (`penalize`); asked every step."""
         return (
             self.repetition_penalty != 1.0
             or self.presence_penalty != 0.0

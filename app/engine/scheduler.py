@@ -612,9 +612,11 @@ class NoopEngine(Engine):
                 [None] * job.max_words,
                 [()] * job.max_words,
             )
-            events = [WordEvent(i, word, p) for i in range(job.n) for p in pieces]
+            events = (
+                [WordEvent(i, word, p) for i in range(job.n) for p in pieces] if job.stream else []
+            )
             result = GenerationResult([sample] * job.n, job.hidden if job.keep_state else None)
-            self._finish(generation, result, events if job.stream else ())
+            self._finish(generation, result, events)
 
 
 ENGINES: dict[str, type[Engine]] = {

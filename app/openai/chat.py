@@ -15,7 +15,7 @@ import anyio
 
 from app.chat import TURN_MARKER, render
 from app.engine.handles import WordEvent
-from app.errors import ApiError, OpenAIError, from_api_error
+from app.errors import CHAT_NAMES, ApiError, OpenAIError, from_api_error
 from app.generation import Failed, TextEvent, TextRequest
 from app.openai.completions import chunk_frame, failure_frames, likeliest, usage_of
 from app.openai.protocol import (
@@ -159,9 +159,4 @@ class ChatCompletions:
 
 def _refused(exc: ApiError) -> OpenAIError:
     """The service's refusal, in OpenAI's terms (its fields named as the chat request's)."""
-    error = from_api_error(exc)
-    if error.param == "prompt":
-        return OpenAIError(
-            error.status, "messages" + error.detail.removeprefix("prompt"), "messages"
-        )
-    return error
+    return from_api_error(exc, names=CHAT_NAMES)

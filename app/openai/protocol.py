@@ -15,7 +15,14 @@ from pydantic import BaseModel, ConfigDict, Field, PlainValidator
 
 from app.chat import Message
 from app.errors import OpenAIError
-from app.schemas import MAX_RANDOM_SEED, OptionalInteger, OptionalText, StopStrings, ValidUnicode
+from app.schemas import (
+    MAX_RANDOM_SEED,
+    OptionalInteger,
+    OptionalText,
+    StopStrings,
+    ValidUnicode,
+    unsupported,
+)
 
 # -- request and response bodies --------------------------------------------------------------
 
@@ -35,19 +42,6 @@ Prompt = Annotated[
     PlainValidator(_prompt, json_schema_input_type=str | Annotated[list[str], Field(min_length=1)]),
     ValidUnicode,
 ]
-
-
-def _unsupported(message: str, accepted: tuple[object, ...] = (), schema: Any = None) -> Any:
-    """A parameter of OpenAI's that a word model cannot honour: null, or one of ``accepted``
-    (of the same JSON type), passes; anything else is refused with ``message``. ``schema`` is
-    the type that states the accepted values in the API schema."""
-
-    def check(value: object) -> object:
-        if value is None or any(type(value) is type(a) and value == a for a in accepted):
-            return value
-        raise ValueError(message)
-
-    return PlainValidator(check, json_schema_input_type=schema)
 
 
 class StreamOptions(BaseModel):
@@ -75,7 +69,7 @@ class _SamplingRequest(BaseModel):
     user: OptionalText = Field(None, description="Accepted and ignored.")
     logit_bias: Annotated[
         dict[str, int] | None,
-        _unsupported(
+        unsupported(
             "not supported; send {} or leave it out",
             ({},),
             Annotated[dict[str, int], Field(max_length=0)] | None,
@@ -107,7 +101,7 @@ class CompletionRequest(_SamplingRequest):
     stop: StopStrings | None = Field(None, description="Strings that end a completion.")
     echo: bool | None = Field(False, description="Return the prompt before each completion.")
     best_of: OptionalInteger = Field(None, ge=1, description="Only 1 (or equal to n) is supported.")
-    suffix: Annotated[None, _unsupported("insertion is not supported; leave suffix out")] = None
+    suffix: Annotated[None, unsupported("insertion is not supported; leave suffix out")] = None
     logprobs: OptionalInteger = Field(
         None,
         ge=0,

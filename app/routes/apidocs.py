@@ -9,6 +9,7 @@ of its response's Content-Security-Policy, which allows nothing from another ori
 
 from __future__ import annotations
 
+import functools
 import secrets
 from importlib import resources
 
@@ -75,9 +76,15 @@ async def redoc(request: Request) -> Response:
     return _page(bytes(page.body), secrets.token_urlsafe(16))
 
 
+@functools.cache
+def _read(name: str) -> bytes:
+    """A file of the fixed list, read once (Swagger UI's bundle is over a megabyte)."""
+    return (ASSETS / name).read_bytes()
+
+
 @router.get("/docs-assets/{name}")
 async def asset(name: str) -> Response:
     media_type = FILES.get(name)
     if media_type is None:
         raise ApiError(404, f"no documentation file {name!r}")
-    return Response((ASSETS / name).read_bytes(), media_type=media_type, headers=ASSET_HEADERS)
+    return Response(_read(name), media_type=media_type, headers=ASSET_HEADERS)

@@ -4,22 +4,17 @@ event per word. A token here is a word of the model's vocabulary."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator
+from pydantic import BaseModel, ConfigDict, Field
 
-from app.schemas import MAX_RANDOM_SEED, OptionalInteger, StopStrings, ValidUnicode
-
-
-def _neutral(accepted: tuple[object, ...], message: str, schema: Any) -> Any:
-    """A parameter this model cannot honour: null or its neutral value passes."""
-
-    def check(value: object) -> object:
-        if value is None or any(type(value) is type(a) and value == a for a in accepted):
-            return value
-        raise ValueError(message)
-
-    return PlainValidator(check, json_schema_input_type=schema)
+from app.schemas import (
+    MAX_RANDOM_SEED,
+    OptionalInteger,
+    StopStrings,
+    ValidUnicode,
+    unsupported,
+)
 
 
 class Parameters(BaseModel):
@@ -46,23 +41,23 @@ class Parameters(BaseModel):
         None, ge=0, le=5, description="With details: this many likeliest alternatives a word."
     )
     decoder_input_details: Annotated[
-        bool | None, _neutral((False,), "not supported; leave it out", Literal[False] | None)
+        bool | None, unsupported("not supported; leave it out", (False,), Literal[False] | None)
     ] = None
     watermark: Annotated[
-        bool | None, _neutral((False,), "not supported; leave it out", Literal[False] | None)
+        bool | None, unsupported("not supported; leave it out", (False,), Literal[False] | None)
     ] = None
-    best_of: Annotated[int | None, _neutral((1,), "only 1 is supported", Literal[1] | None)] = None
+    best_of: Annotated[int | None, unsupported("only 1 is supported", (1,), Literal[1] | None)] = (
+        None
+    )
     repetition_penalty: float | None = Field(
         None, ge=1, le=10, description="CTRL's penalty of every word already in the text."
     )
     frequency_penalty: float | None = Field(
         None, ge=-2, le=2, description="Subtracted from each generated word, times its count."
     )
-    truncate: Annotated[
-        int | None, _neutral((), "truncation is not supported; leave it out", None)
-    ] = None
+    truncate: Annotated[int | None, unsupported("truncation is not supported; leave it out")] = None
     typical_p: Annotated[
-        float | None, _neutral((), "typical sampling is not supported; leave it out", None)
+        float | None, unsupported("typical sampling is not supported; leave it out")
     ] = None
 
 
