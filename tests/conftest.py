@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,6 +14,7 @@ from model_store import checkpoint
 from model_store.network import ModelConfig, WordRNN
 from model_store.subword import SubwordModel
 from model_store.vocab import TokenizerSpec, Vocab, tokenize
+from tests.live_server import App, run_app
 
 TINY_TEXT = (
     "I can see the sea.\n"
@@ -89,6 +90,14 @@ def make_run(tmp_path: Path) -> MakeRun:
         return build_run(tmp_path / f"run{next(counter)}", **kwargs)  # type: ignore[arg-type]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def served_tiny(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
+    """``python -m app`` serving the tiny run, shared by the tests that drive it with a real
+    client library (one server for them all)."""
+    with run_app(tiny_run, tmp_path_factory.mktemp("served") / "app.log") as app:
+        yield app
 
 
 @pytest.fixture(scope="session")

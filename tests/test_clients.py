@@ -5,23 +5,20 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.live_server import App, run_app
+from tests.live_server import App
 
 # litellm would fetch its price list from the internet at import; its copy is enough here.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 
-@pytest.fixture(scope="module")
-def app(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
-    with run_app(tiny_run, tmp_path_factory.mktemp("clients") / "app.log") as app:
-        yield app
+@pytest.fixture(scope="session")
+def app(served_tiny: App) -> App:
+    return served_tiny
 
 
 @pytest.fixture(scope="module")

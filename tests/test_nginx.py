@@ -21,7 +21,15 @@ import openai
 import pytest
 
 from tests.conftest import build_run
-from tests.live_server import REPO, App, Nginx, nginx_binary, run_app, run_nginx, wait_for
+from tests.live_server import (
+    App,
+    Nginx,
+    deploy_site,
+    nginx_binary,
+    run_app,
+    run_nginx,
+    wait_for,
+)
 
 pytestmark = pytest.mark.skipif(
     nginx_binary() is None,
@@ -34,20 +42,11 @@ PREFIX = "/textgen"
 
 def site(app_port: int, access_log: Path) -> Callable[[int], str]:
     """``deploy/nginx.conf`` with the addresses of this test."""
-    text = (REPO / "deploy" / "nginx.conf").read_text()
     replacements = {
         "server app:8000;": f"server 127.0.0.1:{app_port};",
         "/var/log/nginx/access.log": str(access_log),
     }
-    for old, new in replacements.items():
-        assert old in text, old
-        text = text.replace(old, new)
-
-    def render(port: int) -> str:
-        assert "listen 80;" in text
-        return text.replace("listen 80;", f"listen 127.0.0.1:{port};")
-
-    return render
+    return deploy_site("nginx.conf", replacements)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from app.engine.handles import WordEvent
 from app.errors import ApiError
 from app.generation import Failed
 from app.main import create_app
+from app.openai.chat import DEFAULT_WORDS
 from app.openai.protocol import ChatMessage
 from tests.app_helpers import settings_for
 
@@ -530,6 +531,8 @@ def test_a_streamed_chat_reply_adds_up_to_the_plain_one(sdk: openai.OpenAI, mode
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
         ({"messages": [{"role": "user", "content": "x"}], "max_tokens": -1}, "max_tokens"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
+        # The service's own refusal (more seed words than it takes), named as the chat's field.
+        ({"messages": [{"role": "user", "content": "the sea " * 600}]}, "messages"),
     ],
 )
 def test_a_bad_chat_request_is_openais_400(
@@ -540,6 +543,18 @@ def test_a_bad_chat_request_is_openais_400(
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error"
     assert error["param"].startswith(param), error
+
+
+def test_a_chat_reply_without_a_length_has_64_words_or_the_limit(
+    sdk: openai.OpenAI, model: str
+) -> None:
+    chat = sdk.chat.completions.create(model=model, messages=CONVERSATION, seed=2)  # type: ignore[arg-type]
+    assert chat.usage is not None
+    [choice] = chat.choices
+    # The README's default, capped by this server's max_words (60); a reply may end sooner
+    # only at the turn marker.
+    assert DEFAULT_WORDS == 64
+    assert chat.usage.completion_tokens == min(DEFAULT_WORDS, 60) or choice.finish_reason == "stop"
 
 
 def test_the_chat_template_is_on_the_model_card(client: TestClient, model: str) -> None:

@@ -3,21 +3,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from huggingface_hub import InferenceClient
 
-from tests.live_server import App, run_app
+from app.tgi.translate import DEFAULT_WORDS
+from tests.live_server import App
 
 
-@pytest.fixture(scope="module")
-def app(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
-    with run_app(tiny_run, tmp_path_factory.mktemp("tgi") / "app.log") as app:
-        yield app
+@pytest.fixture(scope="session")
+def app(served_tiny: App) -> App:
+    return served_tiny
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +37,10 @@ def test_plain_text_is_greedy_unless_sampling_is_asked_for(
     sampled = native(app, seed_words="I can", max_words=8, random_seed=3, top_k=4, temperature=0.7)
     text = client.text_generation("I can", max_new_tokens=8, seed=3, top_k=4, temperature=0.7)
     assert text == sampled["generated_text"]
+    # Without max_new_tokens: 20 words, as the README says.
+    default = client.text_generation("I can", details=True)
+    assert default.details is not None
+    assert default.details.generated_tokens == DEFAULT_WORDS == 20
     full = client.text_generation("I can", max_new_tokens=8, return_full_text=True)
     assert full == "I can" + greedy["generated_text"]
 
