@@ -42,6 +42,7 @@ class TextRequest:
     no_repeat_ngram_size: int = 0
     bad_words: Sequence[str] = ()  # words or phrases never generated
     min_words: int = 0  # no stop string before this many words
+    max_copy_words: int = 0  # no longer run of the training text (0: no limit)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class TextSample:
     pieces: list[str]  # the text each word adds to generated_text
     log_probs: list[float | None]  # each word's, when the request asked for them
     tops: list[Alternatives]  # the alternatives where each word began
+    longest_copy: int | None  # words in its longest run of the training text (None: no index)
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ def text_request(req: GenerateRequest) -> TextRequest:
         no_repeat_ngram_size=req.no_repeat_ngram_size,
         bad_words=tuple(req.bad_words or ()),
         min_words=req.min_words,
+        max_copy_words=req.max_copy_words,
     )
 
 
@@ -99,6 +100,7 @@ def generate_response(result: TextResult) -> GenerateResponse:
             generated_text=s.generated_text,
             words=s.words,
             finish_reason=s.finish_reason,
+            longest_copy=s.longest_copy,
         )
         for s in result.samples
     ]

@@ -222,6 +222,14 @@ class GenerateRequest(_Request):
         description="No n-gram of this many words (a subword model's: pieces) occurs twice in "
         "the text; 0 means no limit.",
     )
+    max_copy_words: Integer = Field(
+        0,
+        ge=0,
+        le=100,
+        description="No run of more than this many words of the text (seed included) occurs "
+        "verbatim in the training text: a word that would make one is skipped for the next "
+        "allowed one. 0 means no limit; needs a model with a copy index (see /info).",
+    )
     random_seed: OptionalInteger = Field(
         None,
         ge=0,
@@ -259,6 +267,10 @@ class Sample(BaseModel):
     generated_text: str = Field(description="The continuation alone, as it attaches to the seed.")
     words: list[str]
     finish_reason: FinishReason
+    longest_copy: int | None = Field(
+        description="Words in the longest run of this text (seed included) that occurs verbatim "
+        "in the training text; null when the model has no index of it (see /info)."
+    )
 
 
 class GenerateResponse(BaseModel):
@@ -425,6 +437,10 @@ class InfoResponse(BaseModel):
     best_valid_perplexity: float | None
     best_valid_bits_per_char: float | None = Field(
         description="Bits per character of the validation text (compares any two models)."
+    )
+    copy_index: bool = Field(
+        description="Whether the model has an index of its training text: each sample's "
+        "longest_copy and the max_copy_words control need it."
     )
     training: dict[str, Any]
     versions: dict[str, str]

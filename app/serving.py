@@ -185,6 +185,15 @@ class TextService:
             )
         if req.min_words > req.max_words:
             problems.append(("min_words", f"at most max_words ({req.max_words})"))
+        if req.max_copy_words and self.engine.checkpoint.copies is None:
+            problems.append(
+                (
+                    "max_copy_words",
+                    "this model's run folder has no index of its training text (it was "
+                    "written before copy indexes); continue its training once "
+                    "(python -m training --resume) to add one",
+                )
+            )
         if req.session_id is not None and req.n > 1:
             problems.append(("n", "a session continues one text: use n=1 with session_id"))
         if problems:
@@ -216,6 +225,7 @@ class TextService:
             req.frequency_penalty,
             req.no_repeat_ngram_size,
             self._bad_words(req.bad_words),
+            req.max_copy_words,
         )
         job = GenerationJob(
             seed_ids=seed.ids,
@@ -267,7 +277,16 @@ class TextService:
             seed=plan.seed,
             prefix=plan.prefix,
             samples=[
-                TextSample(i, s.words, s.text, s.finish_reason, s.pieces, s.log_probs, s.tops)
+                TextSample(
+                    i,
+                    s.words,
+                    s.text,
+                    s.finish_reason,
+                    s.pieces,
+                    s.log_probs,
+                    s.tops,
+                    s.longest_copy,
+                )
                 for i, s in enumerate(result.samples)
             ],
             session_id=plan.session.id if plan.session else None,
@@ -424,6 +443,7 @@ class TextService:
             ),
             best_valid_perplexity=manifest.get("best_valid_perplexity"),
             best_valid_bits_per_char=manifest.get("best_valid_bits_per_char"),
+            copy_index=loaded.copies is not None,
             training=loaded.training,
             versions=manifest.get("versions") or {},
             limits=Limits(

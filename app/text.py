@@ -64,6 +64,7 @@ class SampleText:
     pieces: list[str] = field(default_factory=list)  # the text each word adds
     log_probs: list[float | None] = field(default_factory=list)
     tops: list[Alternatives] = field(default_factory=list)
+    longest_copy: int | None = None  # the longest run of the training text in it, when known
 
 
 class Continuation:
@@ -110,6 +111,13 @@ class Continuation:
     def done(self) -> bool:
         """Whether the sample is complete: a stop string, ``max_words``, or the token cap."""
         return self.stopped or self._full
+
+    @property
+    def pending_word(self) -> str | None:
+        """The word a subword model is writing (its pieces so far), or None between words."""
+        if not self._pending:
+            return None
+        return self._vocab.tokenizer.subword_model().word(self._pending)
 
     @property
     def kept_tokens(self) -> int:

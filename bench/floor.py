@@ -37,7 +37,14 @@ async def generate(req: GenerateRequest) -> GenerateResponse:
     seed = req.seed_words.split() if isinstance(req.seed_words, str) else req.seed_words or []
     text = " ".join(seed) + generated
     samples = [
-        Sample(index=i, text=text, generated_text=generated, words=words, finish_reason="length")
+        Sample(
+            index=i,
+            text=text,
+            generated_text=generated,
+            words=words,
+            finish_reason="length",
+            longest_copy=len(seed) + req.max_words,
+        )
         for i in range(req.n)
     ]
     return GenerateResponse(

@@ -26,9 +26,11 @@ from pathlib import Path
 
 import httpx
 
+from training.config import SERVE_PRESET
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RUN = REPO / "runs" / "default"  # what ``make serve`` trains
-DEFAULT_CACHE = Path.home() / ".cache" / "wordrnn" / "bench-default"
+DEFAULT_CACHE = Path.home() / ".cache" / "wordrnn" / f"bench-{SERVE_PRESET}"
 ACTIVE_ROWS = "wordrnn_engine_active_rows"
 PENDING_JOBS = "wordrnn_engine_pending_jobs"
 
@@ -89,7 +91,7 @@ def model_dir(args: argparse.Namespace) -> Path:
     )
     command = [
         sys.executable, "-m", "training", "--corpus", "builtin:shakespeare", "--out", str(cached),
-        "--preset", "lstm", "--max-minutes", str(args.train_minutes), "--quiet",
+        "--preset", SERVE_PRESET, "--max-minutes", str(args.train_minutes), "--quiet",
     ]  # fmt: skip
     if subprocess.run(command, cwd=REPO, check=False).returncode != 0:
         raise BenchError("training the default model failed (see above)")

@@ -4,6 +4,8 @@ A run folder holds::
 
     config.json                  format_version, the model config, the training hyperparameters
     vocab.json                   the vocabulary (see vocab.py)
+    copies.npz                   the training text's words, for the copy guard (see copies.py;
+                                 absent from folders written before it)
     model-<iteration>.safetensors   the best weights so far (what the server loads)
     resume-<iteration>.safetensors  the last training state (`ResumeState`: weights, optimizer,
                                  RNG, position, the hidden state carried mid-epoch)
@@ -43,6 +45,7 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
+from model_store.copies import COPIES_FILE, CopyIndex, CopyIndexError
 from model_store.network import (
     ConfigError,
     Hidden,
@@ -60,7 +63,7 @@ MANIFEST_FILE = "manifest.json"
 # The files a manifest may name (nothing else is ever read, nor any path outside the folder).
 _MANAGED_RE = re.compile(
     r"^(?:(?:model|resume)-\d+(?:-[0-9a-f]{12})?\.safetensors"
-    r"|(?:config|vocab)(?:-[0-9a-f]{12})?\.json)$"
+    r"|(?:config|vocab)(?:-[0-9a-f]{12})?\.json|copies(?:-[0-9a-f]{12})?\.npz)$"
 )
 _TMP_MARK = ".tmp-"
 _UMASK = os.umask(0o022)
@@ -91,6 +94,7 @@ class Checkpoint:
     training: dict[str, Any]
     manifest: dict[str, Any]
     device: torch.device
+    copies: CopyIndex | None = None  # None for a folder written before copy indexes
 
     @property
     def model_id(self) -> str:
@@ -249,12 +253,14 @@ def commit(
     resume: tuple[Mapping[str, Tensor], Mapping[str, Any]] | None = None,
     iteration: int = 0,
     info: Mapping[str, Any] | None = None,
+    copies: CopyIndex | None = None,
 ) -> dict[str, Any]:
     """Write a new version of the run folder atomically and return its manifest.
 
-    The first commit must give ``config``, ``training`` and ``vocab``; later ones give new
-    ``weights`` (the best model) and/or a new ``resume`` state (tensors and a JSON-able dict)
-    and ``info`` to merge into the manifest. Files not given stay as they were.
+    The first commit must give ``config``, ``training`` and ``vocab`` (and ``copies``, the
+    training text's index, when there is one); later ones give new ``weights`` (the best
+    model) and/or a new ``resume`` state (tensors and a JSON-able dict) and ``info`` to merge
+    into the manifest. Files not given stay as they were.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -272,9 +278,10 @@ def commit(
     files: dict[str, Any] = dict(manifest["files"])
 
     def put(role: str, name: str, data: bytes) -> None:
-        """Write ``data`` for ``role`` (config, vocab, weights, resume) without ever touching a
-        file the current manifest names: changed contents under a name already in use go to
-        ``<stem>-<sha12><suffix>``, so the old manifest stays loadable until it is replaced."""
+        """Write ``data`` for ``role`` (config, vocab, copies, weights, resume) without ever
+        touching a file the current manifest names: changed contents under a name already in
+        use go to ``<stem>-<sha12><suffix>``, so the old manifest stays loadable until it is
+        replaced."""
         record = _file_record(data)
         if name in files and files[name] != record:
             stem, dot, suffix = name.partition(".")
@@ -293,6 +300,8 @@ def commit(
         put("config", CONFIG_FILE, _json_bytes(header))
     if vocab is not None:
         put("vocab", VOCAB_FILE, vocab.dumps().encode("utf-8"))
+    if copies is not None:
+        put("copies", COPIES_FILE, copies.to_bytes())
     if weights is not None:
         data = safetensors.torch.save(dict(weights), metadata={"kind": "weights"})
         put("weights", f"model-{iteration:08d}.safetensors", data)
@@ -306,7 +315,7 @@ def commit(
             f"resume-{iteration:08d}.safetensors",
             safetensors.torch.save(dict(tensors), metadata=meta),
         )
-    live = {manifest.get(role) for role in ("config", "vocab", "weights", "resume")}
+    live = {manifest.get(role) for role in ("config", "vocab", "copies", "weights", "resume")}
     manifest["files"] = {k: v for k, v in files.items() if k in live}
     manifest.update(dict(info or {}))
     manifest["versions"] = library_versions()
@@ -478,7 +487,19 @@ def load(run_dir: Path | str, device: str | torch.device = "cpu") -> Checkpoint:
     model.load_state_dict(tensors, strict=not config.tie_weights)
     model.rnn.flatten_parameters()
     model.to(dev).eval()
-    return Checkpoint(run_dir, model, vocab, config, training, manifest, dev)
+    copies = _copies(run_dir, manifest)
+    return Checkpoint(run_dir, model, vocab, config, training, manifest, dev, copies)
+
+
+def _copies(run_dir: Path, manifest: Mapping[str, Any]) -> CopyIndex | None:
+    """The verified copy index, or None where the folder has none."""
+    name = manifest.get("copies")
+    if name is None:
+        return None
+    try:
+        return CopyIndex.from_bytes(_read_verified(run_dir, manifest, name))
+    except CopyIndexError as exc:
+        raise CheckpointError(run_dir / name, str(exc)) from None
 
 
 def load_resume(run_dir: Path | str) -> tuple[dict[str, Tensor], dict[str, Any]]:

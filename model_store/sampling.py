@@ -60,6 +60,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     no_repeat_ngram_size: int = 0
     bad_words: tuple[tuple[int, ...], ...] = ()  # id sequences never generated
+    max_copy_words: int = 0  # no run of the training text longer than this (0: no limit)
 
     def __post_init__(self) -> None:
         if self.top_k < 0:
@@ -75,6 +76,8 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2] (0: none)")
         if self.no_repeat_ngram_size < 0:
             raise ValueError("no_repeat_ngram_size must be >= 0 (0: none)")
+        if self.max_copy_words < 0:
+            raise ValueError("max_copy_words must be >= 0 (0: no limit)")
         if any(not phrase for phrase in self.bad_words):
             raise ValueError("bad_words must not hold an empty phrase")
 

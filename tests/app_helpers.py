@@ -21,6 +21,7 @@ from app.settings import Settings
 from model_store import checkpoint
 from model_store.network import Hidden, top_features
 from model_store.sampling import advance, next_logits, prime
+from model_store.subword import NEWLINE
 
 # A manifest.json nested deeper than the json module can recurse: it raises RecursionError.
 NESTED_MANIFEST = b"[" * 100_000 + b"]" * 100_000
@@ -144,3 +145,18 @@ class Gate:
 
     def open(self) -> None:
         self.opened.set()
+
+
+def longest_copy(training: Sequence[str], words: Sequence[str]) -> int:
+    """Brute force: the most words of ``words`` in a row that occur in a row in ``training``
+    (line breaks left out of both), tried for every start and every length."""
+    text = [w for w in training if w != NEWLINE]
+    ws = [w for w in words if w != NEWLINE]
+    best = 0
+    for i in range(len(ws)):
+        for j in range(i + best + 1, len(ws) + 1):
+            run = ws[i:j]
+            if not any(text[k : k + len(run)] == run for k in range(len(text))):
+                break
+            best = j - i
+    return best

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from model_store import checkpoint
+from model_store.copies import CopyIndex
 from model_store.network import ModelConfig, WordRNN
 from model_store.subword import SubwordModel
 from model_store.vocab import TokenizerSpec, Vocab, tokenize
@@ -49,9 +50,12 @@ def build_run(
     text: str = TINY_TEXT,
     tokenizer: str = "words",
     seed: int = 0,
+    copies: bool = True,
     **model_kwargs: object,
 ) -> Path:
-    """A run folder with seeded random weights, written by the real ``checkpoint.commit``."""
+    """A run folder with seeded random weights, written by the real ``checkpoint.commit``;
+    with an index of ``text`` as its training text unless ``copies`` is False (a folder
+    written before copy indexes)."""
     spec = TokenizerSpec(name=tokenizer)  # type: ignore[arg-type]
     if tokenizer == "subword":  # 256 bytes and 44 pieces learned from the text
         spec = replace(spec, model=SubwordModel.train(spec.words(text), 300))
@@ -69,6 +73,7 @@ def build_run(
         weights=checkpoint.weights_state(model),
         iteration=1,
         info={"best_valid_perplexity": None},
+        copies=CopyIndex.build([spec.words(text)]) if copies else None,
     )
     return run_dir
 

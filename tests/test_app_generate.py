@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from app.main import create_app
 from model_store.vocab import tokenize
-from tests.app_helpers import Replay, settings_for
-from tests.conftest import MakeRun
+from tests.app_helpers import Replay, longest_copy, settings_for
+from tests.conftest import TINY_TEXT, MakeRun
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +118,10 @@ def test_text_is_the_seed_followed_by_the_generated_words(
             "generated_text": out["generated_text"],
             "words": out["words"],
             "finish_reason": "length",
+            "longest_copy": longest_copy(tokenize(TINY_TEXT), seed + out["words"]),
         }
     ]
+    assert out["samples"][0]["longest_copy"] >= 6  # the seed is a line of the training text
     assert out["model"] == client.get("/info").json()["model"]
 
 

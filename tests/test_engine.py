@@ -37,6 +37,7 @@ from app.engine import batch as batch_module
 from app.text import Continuation
 from model_store import checkpoint
 from model_store.checkpoint import Checkpoint
+from model_store.copies import CopyGuard
 from model_store.network import hidden_parts
 from model_store.sampling import SamplingParams, prime
 from tests.app_helpers import Gate
@@ -99,6 +100,7 @@ def arrivals(draw: st.DrawFn, loaded: Checkpoint) -> list[Arrival]:
             presence_penalty=draw(st.sampled_from([0.0, 0.8])),
             frequency_penalty=draw(st.sampled_from([0.0, -0.5])),
             no_repeat_ngram_size=draw(st.sampled_from([0, 2])),
+            max_copy_words=draw(st.sampled_from([0, 1, 3])),
         )
         seed_ids = vocab.encode_lenient(seed)[0]
         generation = GenerationJob(
@@ -122,7 +124,7 @@ def run_batched(
     loaded: Checkpoint, plan: list[Arrival]
 ) -> tuple[dict[int, GenerationResult], dict[int, list[WordEvent]], list[int]]:
     """Step a `Batch` by hand: each job joins before its arrival step, in the drawn order."""
-    batch = Batch(loaded.model, loaded.vocab, loaded.vocab.special_ids)
+    batch = Batch(loaded.model, loaded.vocab, loaded.vocab.special_ids, guard_of(loaded))
     results: dict[Hashable, GenerationResult] = {}
     events: dict[Hashable, list[WordEvent]] = {i: [] for i in range(len(plan))}
     sizes = []
@@ -148,9 +150,18 @@ def run_alone(loaded: Checkpoint, generation: GenerationJob) -> tuple[Generation
     events: list[WordEvent] = []
     with torch.inference_mode():
         result = generate_alone(
-            loaded.model, loaded.vocab, generation, loaded.vocab.special_ids, events.extend
+            loaded.model,
+            loaded.vocab,
+            generation,
+            loaded.vocab.special_ids,
+            events.extend,
+            copies=guard_of(loaded),
         )
     return result, events
+
+
+def guard_of(loaded: Checkpoint) -> CopyGuard | None:
+    return CopyGuard(loaded.copies, loaded.vocab) if loaded.copies is not None else None
 
 
 def by_sample(events: list[WordEvent]) -> dict[int, list[WordEvent]]:

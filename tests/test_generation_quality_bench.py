@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench import generation_quality as bench
+from tests.conftest import MakeRun
 
 
 def test_the_measures_by_hand() -> None:
@@ -29,3 +30,11 @@ def test_a_tiny_run_reports_every_control(tiny_run: Path, tmp_path: Path) -> Non
         assert 0 <= row["repeated_trigrams"] <= 1
         assert row["words_per_second"] > 0
     assert report["results"]["no_repeat_ngram_size 3"]["repeated_trigrams"] == 0
+    assert report["results"]["max_copy_words 4"]["longest_copy_max"] <= 4
+    assert report["copy_index_bytes"] == (tiny_run / "copies.npz").stat().st_size
+    assert report["results"]["none"]["longest_copy_max"] >= 2  # "I can" opens the text
+
+
+def test_a_run_without_a_copy_index_is_named(make_run: MakeRun, tmp_path: Path) -> None:
+    args = ["--run-dir", str(make_run(copies=False)), "--samples", "2", "--out", str(tmp_path)]
+    assert bench.main(args) == 1

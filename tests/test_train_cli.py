@@ -13,7 +13,7 @@ import pytest
 from model_store import checkpoint
 from training import evaluate
 from training.__main__ import build_parser, main
-from training.config import TrainConfig
+from training.config import SERVE_PRESET, TrainConfig
 
 FAST = [
     "--embed-dim",
@@ -331,3 +331,30 @@ def test_evaluate_prints_bits_per_char_as_json(
     assert result["bits_per_char"] > 0
     assert evaluate.main([out, "--text", str(tmp_path / "missing.txt")]) == 1
     assert "no such file" in capsys.readouterr().err
+
+
+def test_make_serve_trains_the_serve_preset() -> None:
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    assert f"PRESET ?= {SERVE_PRESET}\n" in makefile
+
+
+def test_resuming_a_folder_written_before_copy_indexes_adds_one(
+    tiny_corpus: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "r"
+    assert (
+        run_cli(capsys, "--corpus", str(tiny_corpus), "--out", str(out), "--epochs", "1", *FAST)[0]
+        == 0
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest.pop("copies") == "copies.npz"
+    del manifest["files"]["copies.npz"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "copies.npz").unlink()
+    assert checkpoint.load(out).copies is None
+    code, err = run_cli(capsys, "--resume", str(out), "--quiet")
+    assert code == 0, err
+    loaded = checkpoint.load(out)
+    assert loaded.copies is not None
+    words = loaded.vocab.tokenizer.words(tiny_corpus.read_text())
+    assert loaded.copies.longest_copy(words[:6]) == 6

@@ -388,9 +388,14 @@ def resume_run(
     info["processes"] = ctx.world_size
     trainer = Trainer(config, dataset, run_dir, device, reporter, info, ctx)
     trainer.restore(tensors, state)
-    if config != TrainConfig.from_json(training) and ctx.is_main:
+    if ctx.is_main and (config != TrainConfig.from_json(training) or "copies" not in manifest):
+        # A folder written before copy indexes gets one: the corpus is the same (checked).
         checkpoint.commit(
-            run_dir, config=trainer.model_config, training=config.to_json(), info=info
+            run_dir,
+            config=trainer.model_config,
+            training=config.to_json(),
+            copies=dataset.copies,
+            info=info,
         )
     return trainer
 

@@ -176,6 +176,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+# What `make serve` trains (the Makefile's PRESET; a test holds the two together).
+SERVE_PRESET = "subword"
+
 # The open vocabulary: the lstm preset's network and schedule on subword pieces. The
 # vocabulary size was chosen by measurement (bench/quality.py; the README has the figures).
 PRESETS["subword"] = {

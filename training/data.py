@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from model_store.copies import CopyIndex
 from model_store.subword import SubwordModel
 from model_store.vocab import BOS, NEWLINE, Detokenizer, TokenizerSpec, Vocab
 from training.corpus import Corpus
@@ -37,6 +38,7 @@ class Dataset:
     valid_ids: Tensor  # (M,) int64, may be empty
     corpus_words: int
     valid_chars: int = 0  # characters of the validation text, as its tokens write it
+    copies: CopyIndex | None = None  # the training words, for the copy guard
 
     @property
     def unk_rate(self) -> float:
@@ -134,7 +136,19 @@ def build_dataset(
         valid_ids=torch.tensor(vocab.encode(valid_tokens), dtype=torch.long),
         corpus_words=n_words,
         valid_chars=text_chars(valid_words, spec) if len(valid_tokens) >= 2 else 0,
+        copies=CopyIndex.build(_documents(train_words)),
     )
+
+
+def _documents(words: list[str]) -> list[list[str]]:
+    """``words`` cut where each document opens (its <bos>)."""
+    documents: list[list[str]] = [[]]
+    for word in words:
+        if word == BOS:
+            documents.append([])
+        else:
+            documents[-1].append(word)
+    return documents
 
 
 def batchify(ids: Tensor, batch_size: int, seq_size: int) -> tuple[Tensor, Tensor]:

@@ -227,6 +227,7 @@ class Trainer:
             config=self.model_config,
             training=self.config.to_json(),
             vocab=self.vocab,
+            copies=self.dataset.copies,
             info=self._manifest_info(),
         )
         with contextlib.suppress(FileNotFoundError):

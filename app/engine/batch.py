@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -34,6 +34,7 @@ from app.engine.handles import (
     failure,
 )
 from app.text import Alternatives, Continuation
+from model_store.copies import CopyGuard
 from model_store.network import Hidden, WordRNN, hidden_cat, hidden_select, hidden_to
 from model_store.sampling import (
     advance,
@@ -92,10 +93,17 @@ class Batch:
     error `Update`; the other rows go on with the words they would have had without it.
     """
 
-    def __init__(self, model: WordRNN, vocab: Vocab, banned: Sequence[int]) -> None:
+    def __init__(
+        self,
+        model: WordRNN,
+        vocab: Vocab,
+        banned: Sequence[int],
+        copies: CopyGuard | None = None,
+    ) -> None:
         self.model = model
         self.vocab = vocab
         self.banned = list(banned)
+        self.copies = copies  # the training text's index: `longest_copy`, `max_copy_words`
         self.hidden: Hidden | None = None
         self.rows: list[_Row] = []
         self._seqs: dict[Hashable, _Sequence] = {}
@@ -182,6 +190,8 @@ class Batch:
             params = [row.seq.job.params for row in rows]
             texts, counts = [row.text for row in rows], [row.generated for row in rows]
             logits = penalize(logits, params, texts, counts)
+        if self.copies is not None and any(row.seq.job.params.max_copy_words for row in rows):
+            logits = self._forbid_copies(logits)
         ids, failed = self._sample(logits)
         scores = self._scores(raw, ids)
         before, hidden = self.hidden, advance(self.model, self.hidden, ids)
@@ -220,6 +230,21 @@ class Batch:
             del self._seqs[seq.key]
             updates.append(_failed(seq.key, exc))
         return updates
+
+    def _forbid_copies(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each guarded row's ``logits`` without the tokens that would make a run of the
+        training text longer than its ``max_copy_words``."""
+        assert self.copies is not None
+        logits = logits.float().clone()
+        for pos, row in enumerate(self.rows):
+            limit = row.seq.job.params.max_copy_words
+            if not limit:
+                continue
+            text = row.seq.texts[row.index]
+            banned = self.copies.banned(row.seq.job.context, text.words, text.pending_word, limit)
+            if banned:
+                logits[pos, torch.tensor(banned, device=logits.device)] = -math.inf
+        return logits
 
     def _sample(self, logits: torch.Tensor) -> tuple[list[int], dict[_Sequence, Exception]]:
         """Each row's next id from its (B, V) ``logits``, all rows in one call.
@@ -337,7 +362,13 @@ class Batch:
         if seq.job.keep_state:
             assert seq.state is not None
             state = hidden_to(seq.state, torch.device("cpu"))
-        return GenerationResult([text.finish() for text in seq.texts], state)
+        samples = [text.finish() for text in seq.texts]
+        if self.copies is not None:
+            index, context = self.copies.index, seq.job.context
+            samples = [
+                replace(s, longest_copy=index.longest_copy([*context, *s.words])) for s in samples
+            ]
+        return GenerationResult(samples, state)
 
 
 def _failed(key: Hashable, exc: Exception) -> Update:
@@ -393,6 +424,7 @@ def generate_alone(
     emit: Callable[[list[WordEvent]], None] | None = None,
     check: Callable[[], None] | None = None,
     on_step: Callable[[int], None] | None = None,
+    copies: CopyGuard | None = None,
 ) -> GenerationResult:
     """Generate ``job`` by itself: its ``n`` samples are the rows of a `Batch` of its own,
     stepped until they are done, so that its words are those it gets in any batch.
@@ -401,7 +433,7 @@ def generate_alone(
     step and may raise to stop the job; ``on_step`` is told each step's batch size. When the
     job's own work fails, its `GenerationFailed` is raised (the original error its cause).
     """
-    batch = Batch(model, vocab, banned)
+    batch = Batch(model, vocab, banned, copies)
     updates = batch.join([(None, job)])  # its one request: the key does not matter
     while True:
         for update in updates:

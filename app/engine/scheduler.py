@@ -52,6 +52,7 @@ from app.errors import StartupError
 from app.text import SampleText
 from model_store import checkpoint, scoring
 from model_store.checkpoint import Checkpoint, CheckpointError
+from model_store.copies import CopyGuard
 from model_store.network import Hidden, hidden_to
 from model_store.sampling import SamplingParams, start_state
 
@@ -139,6 +140,7 @@ class Engine:
         self.counters = EngineCounters()
         self._clock = clock
         self._banned = list(loaded.vocab.special_ids)
+        self._copies = CopyGuard(loaded.copies, loaded.vocab) if loaded.copies is not None else None
         self._executor = executor
         self._loop = asyncio.get_running_loop()
         # Shared with the event loop, under the lock: the queues and the counts read by stats().
@@ -470,7 +472,7 @@ class BatchedEngine(Engine):
 
     def __init__(self, loaded: Checkpoint, *args: Any, **kwargs: Any) -> None:
         super().__init__(loaded, *args, **kwargs)
-        self.batch = Batch(self.model, self.vocab, self._banned)
+        self.batch = Batch(self.model, self.vocab, self._banned, self._copies)
 
     def _running(self) -> bool:
         return self.batch.size > 0
@@ -570,6 +572,7 @@ class NaiveEngine(Engine):
                     emit,
                     check,
                     self._record_step,
+                    self._copies,
                 )
             except (GenerationCancelled, GenerationTimeout) as exc:
                 self._finish(generation, exc)

@@ -57,6 +57,7 @@ class ChatCompletions:
             random_seed=req.seed,
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
+            max_copy_words=req.max_copy_words or 0,
             # top_logprobs alone implies logprobs (OpenAI would refuse it).
             logprobs=req.top_logprobs
             if req.top_logprobs is not None

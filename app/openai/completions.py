@@ -48,6 +48,7 @@ def text_request(req: CompletionRequest, prompt: str) -> TextRequest:
         logprobs=req.logprobs,
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
+        max_copy_words=req.max_copy_words or 0,
     )
 
 

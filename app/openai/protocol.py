@@ -3,7 +3,8 @@
 Names map to the service's as ``prompt`` -> ``seed_words`` (split by the model's tokenizer),
 ``max_tokens`` -> ``max_words``, ``seed`` -> ``random_seed``; ``temperature``, ``top_p``, ``n``
 and ``stop`` keep their names, and ``top_k`` is an extra field (0, the default, samples from
-the whole vocabulary as OpenAI does). A token here is a word of the model's vocabulary.
+the whole vocabulary as OpenAI does), as is ``max_copy_words`` (``/generate``'s copy guard).
+A token here is a word of the model's vocabulary.
 Parameters a word model cannot honour accept only their neutral value.
 """
 
@@ -85,6 +86,13 @@ class _SamplingRequest(BaseModel):
         0,
         ge=0,
         description="An extra field: sample among the k most likely words; 0 means all.",
+    )
+    max_copy_words: OptionalInteger = Field(
+        0,
+        ge=0,
+        le=100,
+        description="An extra field: no run of more than this many words of the text occurs "
+        "verbatim in the training text (as /generate's); 0 means no limit.",
     )
 
 

@@ -1,0 +1,269 @@
+"""Verbatim runs of the training text: how long a sample's longest one is, and how to avoid them.
+
+A model trained on a small text recites it. To say how much, the trainer stores the training
+text's words in the run folder (``copies.npz``, listed in the manifest like every file): the
+64-bit hashes of its distinct words, and the text as their numbers (1-based; 0 where a
+document ends, so that no run crosses two documents). Nothing else is stored: loading builds
+a suffix array of that text (``pydivsufsort``, a fraction of a second for a million words), on
+which a run of any length is found by binary search.
+
+Words are those users see (`TokenizerSpec.words`, the same as a sample's ``words``); line
+breaks are not words here, so a run that goes on across a line is one run.
+
+`CopyIndex.longest_copy` measures a text; `CopyGuard` tells the sampler which next tokens would
+make a run longer than a limit (for a subword model: which pieces would end a word that would).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from numpy.typing import NDArray
+from pydivsufsort import divsufsort
+
+from model_store.subword import NEWLINE
+from model_store.vocab import Vocab
+
+COPIES_FILE = "copies.npz"
+_END = 0  # between documents, and after the last one
+_MISSING = -1  # a word the training text does not hold: no run goes through it
+
+Ids = NDArray[np.int64]
+
+
+class CopyIndexError(ValueError):
+    """A copy index file that cannot be read."""
+
+
+def word_hash(word: str) -> int:
+    return int.from_bytes(hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def _words(words: Iterable[str]) -> list[str]:
+    return [w for w in words if w != NEWLINE]
+
+
+class CopyIndex:
+    """The training text's words, searchable for any run of them."""
+
+    def __init__(self, hashes: NDArray[np.uint64], text: NDArray[np.unsignedinteger]) -> None:
+        if hashes.ndim != 1 or text.ndim != 1 or not len(text) or text[-1] != _END:
+            raise CopyIndexError("the copy index must hold its words and a text ending in 0")
+        if int(text.max()) > len(hashes):
+            raise CopyIndexError("the copy index's text names a word it does not hold")
+        self._order = np.argsort(hashes)  # word ids are 1 + positions in ``hashes``
+        self._sorted = hashes[self._order]
+        if len(hashes) > 1 and not bool((self._sorted[1:] > self._sorted[:-1]).all()):
+            raise CopyIndexError("the copy index's word hashes are not distinct")
+        self.hashes, self.stored = hashes, text
+        self.text: Ids = text.astype(np.int64)
+        self.sa: Ids = divsufsort(text.astype(np.uint32)).astype(np.int64)
+        # The first few words of each suffix packed into one sortable integer, so that a run
+        # of up to `_per_key` words is found by one `searchsorted` instead of a bisection each.
+        self._bits = max(1, (len(hashes) + 1).bit_length())
+        self._per_key = 64 // self._bits
+        last = len(self.text) - 1
+        keys = np.zeros(len(self.sa), dtype=np.uint64)
+        for j in range(self._per_key):
+            column = self.text[np.minimum(self.sa + j, last)].astype(np.uint64)
+            keys = (keys << np.uint64(self._bits)) | column
+        self._keys = keys
+        self.word_id = functools.lru_cache(maxsize=65536)(self._word_id)
+        # A generating row asks for the same run at each of its steps.
+        self.span = functools.lru_cache(maxsize=65536)(self._span)
+
+    @classmethod
+    def build(cls, documents: Iterable[Sequence[str]]) -> CopyIndex:
+        """The index of these documents' words (line breaks left out). Words are numbered
+        from the most frequent, which makes the stored text compress to about half."""
+        texts = [_words(doc) for doc in documents]
+        counts = Counter(w for text in texts for w in text)
+        ids = {w: i for i, (w, _) in enumerate(counts.most_common(), start=1)}
+        stream = [i for text in texts for i in (*(ids[w] for w in text), _END)] or [_END]
+        dtype = np.uint16 if len(ids) < 2**16 else np.uint32
+        hashes = np.array([word_hash(w) for w in ids], dtype=np.uint64)
+        return cls(hashes, np.array(stream, dtype=dtype))
+
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, hashes=self.hashes, text=self.stored)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> CopyIndex:
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+                hashes, text = arrays["hashes"], arrays["text"]
+        except Exception as exc:  # numpy raises several types for a damaged archive
+            raise CopyIndexError(f"the copy index cannot be read: {exc}") from None
+        if hashes.dtype != np.uint64 or text.dtype not in (np.uint16, np.uint32):
+            raise CopyIndexError("the copy index holds arrays of the wrong types")
+        return cls(hashes, text)
+
+    @property
+    def words(self) -> int:
+        """How many words the training text holds."""
+        return int((self.stored != _END).sum())
+
+    def _word_id(self, word: str) -> int:
+        h = np.uint64(word_hash(word))
+        pos = int(np.searchsorted(self._sorted, h))
+        found = pos < len(self._sorted) and self._sorted[pos] == h
+        return int(self._order[pos]) + 1 if found else _MISSING
+
+    def word_ids(self, words: Iterable[str]) -> Ids:
+        return np.array([self.word_id(w) for w in _words(words)], dtype=np.int64)
+
+    def _spans(self, grams: Ids) -> tuple[Ids, Ids]:
+        """For (R, L) runs of known words, the suffix-array range of each one's occurrences
+        (empty where it does not occur)."""
+        length = grams.shape[1]
+        direct = min(length, self._per_key)
+        low = np.zeros(len(grams), dtype=np.uint64)
+        for j in range(self._per_key):
+            column = grams[:, j].astype(np.uint64) if j < direct else np.uint64(0)
+            low = (low << np.uint64(self._bits)) | column
+        free = self._bits * (self._per_key - direct)
+        high = low | np.uint64((1 << free) - 1)
+        lo = np.searchsorted(self._keys, low, side="left").astype(np.int64)
+        hi = np.searchsorted(self._keys, high, side="right").astype(np.int64)
+        for k in range(direct, length):
+            lo, hi = self._refine(lo, hi, k, grams[:, k])
+        return lo, hi
+
+    def _refine(self, lo: Ids, hi: Ids, k: int, word: Ids) -> tuple[Ids, Ids]:
+        """Narrow each range of suffixes that share k first words to those whose word k is
+        ``word``: within such a range word k is sorted, so two bisections find it."""
+
+        def bound(strict: bool) -> Ids:
+            a, b = lo.copy(), hi.copy()
+            last_suffix, last_word = len(self.sa) - 1, len(self.text) - 1
+            while bool((a < b).any()):
+                mid = (a + b) // 2  # where a == b it may point past the range: clipped
+                at = np.minimum(self.sa[np.minimum(mid, last_suffix)] + k, last_word)
+                value = self.text[at]
+                before = value <= word if strict else value < word
+                open_ = a < b
+                a = np.where(open_ & before, mid + 1, a)
+                b = np.where(open_ & ~before, mid, b)
+            return a
+
+        return bound(False), bound(True)
+
+    def _span(self, ids: tuple[int, ...]) -> tuple[int, int]:
+        """The suffix-array range of one run's occurrences (of word ids; empty when one is
+        missing): `_spans` for one run, without its array overhead."""
+        if _MISSING in ids:
+            return 0, 0
+        if len(ids) > self._per_key:
+            lo, hi = self.span(ids[:-1])
+            return self._narrow(lo, hi, len(ids) - 1, ids[-1])
+        low = 0
+        for j in range(self._per_key):
+            low = (low << self._bits) | (ids[j] if j < len(ids) else 0)
+        high = low | ((1 << (self._bits * (self._per_key - len(ids)))) - 1)
+        lo = int(np.searchsorted(self._keys, np.uint64(low), side="left"))
+        return lo, int(np.searchsorted(self._keys, np.uint64(high), side="right"))
+
+    def _narrow(self, lo: int, hi: int, k: int, word: int) -> tuple[int, int]:
+        if hi - lo <= 0:
+            return lo, lo
+        column = self.text[self.sa[lo:hi] + k]  # sorted: the suffixes share k first words
+        return lo + int(np.searchsorted(column, word, "left")), lo + int(
+            np.searchsorted(column, word, "right")
+        )
+
+    def occurs(self, words: Sequence[str]) -> bool:
+        """Whether this run of words (at least one) occurs in the training text."""
+        ids = tuple(self.word_ids(words).tolist())
+        lo, hi = self.span(ids)
+        return bool(ids) and hi > lo
+
+    def followers(self, words: Sequence[str]) -> Ids:
+        """The ids of the words that follow this run wherever it occurs in the training text."""
+        ids = tuple(self.word_ids(words).tolist())
+        lo, hi = self.span(ids) if ids else (0, 0)
+        after = np.unique(self.text[self.sa[lo:hi] + len(ids)])
+        return after[after != _END]
+
+    def longest_copy(self, words: Sequence[str]) -> int:
+        """How many words the longest run of ``words`` that occurs in the training text holds.
+
+        All starts are tried together, one run length at a time: a run that does not occur
+        cannot be part of a longer one that does, so each length only extends the starts that
+        the length before kept."""
+        ids = self.word_ids(words)
+        starts = np.flatnonzero(ids != _MISSING)
+        if not len(starts):
+            return 0
+        length, lo, hi = 1, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        while True:
+            ends = starts + length  # the next word of each run
+            keep = ends < len(ids)
+            keep[keep] &= ids[ends[keep]] != _MISSING
+            starts = starts[keep]
+            if not len(starts):
+                return length
+            if length < self._per_key:
+                grams = ids[starts[:, None] + np.arange(length + 1)]
+                lo, hi = self._spans(grams)
+            else:
+                lo, hi = self._refine(lo[keep], hi[keep], length, ids[starts + length])
+            found = hi > lo
+            if not found.any():
+                return length
+            starts, lo, hi, length = starts[found], lo[found], hi[found], length + 1
+
+
+class CopyGuard:
+    """A copy index seen from one vocabulary: the tokens a row may not take next if no run of
+    its text is to pass ``limit`` words in the training text."""
+
+    def __init__(self, index: CopyIndex, vocab: Vocab) -> None:
+        self.index = index
+        self._subword = vocab.is_subword
+        self._after = functools.lru_cache(maxsize=4096)(self._followers)
+        if self._subword:  # the tokens that end the word being written: the next word's start
+            self._enders = [i for i, start in enumerate(vocab.starts_word()) if start]
+            return
+        self._token_of = np.full(len(index.hashes) + 1, -1, dtype=np.int64)  # word id -> token id
+        special = set(vocab.special_ids)
+        for token_id, token in enumerate(vocab.tokens):
+            if token_id not in special and (word := index.word_id(token)) != _MISSING:
+                self._token_of[word] = token_id
+
+    def banned(
+        self, before: Sequence[str], words: Sequence[str], pending: str | None, limit: int
+    ) -> list[int]:
+        """Token ids that would make a run longer than ``limit`` words: ``before`` and
+        ``words`` are the text so far (what it continues, then its words), ``pending`` the
+        word a subword model is writing (None between words)."""
+        tail = _tail(limit, words, before)
+        if len(tail) < limit:
+            return []
+        if self._subword:
+            if pending is None or pending == NEWLINE:
+                return []
+            return self._enders if self.index.occurs([*tail, pending]) else []
+        return self._after(tuple(tail))
+
+    def _followers(self, tail: tuple[str, ...]) -> list[int]:
+        tokens = self._token_of[self.index.followers(tail)]
+        return tokens[tokens >= 0].tolist()  # type: ignore[no-any-return]
+
+
+def _tail(count: int, words: Sequence[str], before: Sequence[str]) -> list[str]:
+    """The last ``count`` words of ``before`` then ``words``, line breaks left out."""
+    out: list[str] = []
+    for part in (words, before):
+        for word in reversed(part):
+            if len(out) == count:
+                return out[::-1]
+            if word != NEWLINE:
+                out.append(word)
+    return out[::-1]
