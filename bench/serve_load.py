@@ -9,8 +9,8 @@ client saturates long before the server does, so it would measure itself.
 The model is the built-in default one: ``--run-dir`` (default ``runs/default``, what ``make
 serve`` trains; ``--model-dir`` is an alias). When no folder is given and ``runs/default``
 holds no run, one is trained the same way (``python -m
-training --corpus builtin:shakespeare --preset lstm``) for ``--train-minutes`` (default 5)
-into ``--cache-dir`` (default ``~/.cache/wordrnn/bench-default``) and reused next time
+training --corpus builtin:shakespeare --preset subword``) for ``--train-minutes`` (default 5)
+into ``--cache-dir`` (default ``~/.cache/wordrnn/bench-subword``) and reused next time
 (``bench/server.py``, shared with the soak and overload runs).
 
 Four servers are started in turn, each the real thing (``python -m app``, uvicorn, HTTP on

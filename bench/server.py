@@ -2,8 +2,9 @@
 
 `model_dir` finds the run to serve: ``--run-dir`` (alias ``--model-dir``) when given, else
 ``runs/default`` (what ``make serve`` trains) when it holds a run, else the built-in default
-model, trained once (``python -m training --corpus builtin:shakespeare --preset lstm``) for
-``--train-minutes`` into ``--cache-dir`` and reused next time; `add_model_args` adds those flags.
+model, trained once with ``make serve``'s preset (``python -m training --corpus
+builtin:shakespeare --preset subword``) for ``--train-minutes`` into ``--cache-dir`` and reused
+next time; `add_model_args` adds those flags.
 
 `Server` is the real thing: ``python -m app`` in a subprocess on a free loopback port, its log
 in a file, ``WORDRNN_*`` settings from the caller only (none inherited); it reads the server's

@@ -101,6 +101,11 @@ def arrivals(draw: st.DrawFn, loaded: Checkpoint) -> list[Arrival]:
             frequency_penalty=draw(st.sampled_from([0.0, -0.5])),
             no_repeat_ngram_size=draw(st.sampled_from([0, 2])),
             max_copy_words=draw(st.sampled_from([0, 1, 3])),
+            bad_words=draw(
+                st.sampled_from(
+                    [(), ((vocab.id_of("the"),),), ((vocab.id_of("the"), vocab.id_of("sea")),)]
+                )
+            ),
         )
         seed_ids = vocab.encode_lenient(seed)[0]
         generation = GenerationJob(
@@ -115,6 +120,7 @@ def arrivals(draw: st.DrawFn, loaded: Checkpoint) -> list[Arrival]:
             hidden=hidden if session else None,
             keep_state=session,
             stream=draw(st.booleans()),
+            min_words=draw(st.integers(0, 3)),
         )
         out.append(Arrival(draw(st.integers(0, 6)), generation))
     return out
