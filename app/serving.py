@@ -260,7 +260,7 @@ class TextService:
         return tuple(out)
 
     async def _finish(self, plan: _Plan, result: GenerationResult) -> TextResult:
-        first = result.samples[0]
+        first, copies = result.samples[0], self.engine.checkpoint.copies
         if plan.session is not None:
             assert result.state is not None
             updated = plan.session.continued(result.state, [*plan.seed.tokens, *first.words])
@@ -285,7 +285,8 @@ class TextService:
                     s.pieces,
                     s.log_probs,
                     s.tops,
-                    s.longest_copy,
+                    # Here, not on the inference thread, which is the one that limits throughput.
+                    copies.longest_copy([*plan.job.context, *s.words]) if copies else None,
                 )
                 for i, s in enumerate(result.samples)
             ],

@@ -64,7 +64,6 @@ class SampleText:
     pieces: list[str] = field(default_factory=list)  # the text each word adds
     log_probs: list[float | None] = field(default_factory=list)
     tops: list[Alternatives] = field(default_factory=list)
-    longest_copy: int | None = None  # the longest run of the training text in it, when known
 
 
 class Continuation:

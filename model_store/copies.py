@@ -119,45 +119,9 @@ class CopyIndex:
     def word_ids(self, words: Iterable[str]) -> Ids:
         return np.array([self.word_id(w) for w in _words(words)], dtype=np.int64)
 
-    def _spans(self, grams: Ids) -> tuple[Ids, Ids]:
-        """For (R, L) runs of known words, the suffix-array range of each one's occurrences
-        (empty where it does not occur)."""
-        length = grams.shape[1]
-        direct = min(length, self._per_key)
-        low = np.zeros(len(grams), dtype=np.uint64)
-        for j in range(self._per_key):
-            column = grams[:, j].astype(np.uint64) if j < direct else np.uint64(0)
-            low = (low << np.uint64(self._bits)) | column
-        free = self._bits * (self._per_key - direct)
-        high = low | np.uint64((1 << free) - 1)
-        lo = np.searchsorted(self._keys, low, side="left").astype(np.int64)
-        hi = np.searchsorted(self._keys, high, side="right").astype(np.int64)
-        for k in range(direct, length):
-            lo, hi = self._refine(lo, hi, k, grams[:, k])
-        return lo, hi
-
-    def _refine(self, lo: Ids, hi: Ids, k: int, word: Ids) -> tuple[Ids, Ids]:
-        """Narrow each range of suffixes that share k first words to those whose word k is
-        ``word``: within such a range word k is sorted, so two bisections find it."""
-
-        def bound(strict: bool) -> Ids:
-            a, b = lo.copy(), hi.copy()
-            last_suffix, last_word = len(self.sa) - 1, len(self.text) - 1
-            while bool((a < b).any()):
-                mid = (a + b) // 2  # where a == b it may point past the range: clipped
-                at = np.minimum(self.sa[np.minimum(mid, last_suffix)] + k, last_word)
-                value = self.text[at]
-                before = value <= word if strict else value < word
-                open_ = a < b
-                a = np.where(open_ & before, mid + 1, a)
-                b = np.where(open_ & ~before, mid, b)
-            return a
-
-        return bound(False), bound(True)
-
     def _span(self, ids: tuple[int, ...]) -> tuple[int, int]:
         """The suffix-array range of one run's occurrences (of word ids; empty when one is
-        missing): `_spans` for one run, without its array overhead."""
+        missing)."""
         if _MISSING in ids:
             return 0, 0
         if len(ids) > self._per_key:
@@ -171,6 +135,8 @@ class CopyIndex:
         return lo, int(np.searchsorted(self._keys, np.uint64(high), side="right"))
 
     def _narrow(self, lo: int, hi: int, k: int, word: int) -> tuple[int, int]:
+        """Of the suffixes ``lo:hi``, which share their first k words, those whose next word
+        is ``word`` (within the range, word k is sorted)."""
         if hi - lo <= 0:
             return lo, lo
         column = self.text[self.sa[lo:hi] + k]  # sorted: the suffixes share k first words
@@ -194,30 +160,59 @@ class CopyIndex:
     def longest_copy(self, words: Sequence[str]) -> int:
         """How many words the longest run of ``words`` that occurs in the training text holds.
 
-        All starts are tried together, one run length at a time: a run that does not occur
-        cannot be part of a longer one that does, so each length only extends the starts that
-        the length before kept."""
+        First, for every start at once, the run of up to `_per_key` words: the suffix that
+        shares the longest start with it sits next to where it would be sorted in, so one
+        ``searchsorted`` and a comparison with the two neighbours give its length. Starts
+        that match that far go on one word at a time, each within the range of suffixes that
+        share its run so far (`_narrow`)."""
         ids = self.word_ids(words)
-        starts = np.flatnonzero(ids != _MISSING)
-        if not len(starts):
+        if not len(ids):
             return 0
-        length, lo, hi = 1, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        while True:
-            ends = starts + length  # the next word of each run
-            keep = ends < len(ids)
-            keep[keep] &= ids[ends[keep]] != _MISSING
-            starts = starts[keep]
-            if not len(starts):
-                return length
-            if length < self._per_key:
-                grams = ids[starts[:, None] + np.arange(length + 1)]
-                lo, hi = self._spans(grams)
-            else:
-                lo, hi = self._refine(lo[keep], hi[keep], length, ids[starts + length])
-            found = hi > lo
-            if not found.any():
-                return length
-            starts, lo, hi, length = starts[found], lo[found], hi[found], length + 1
+        width = self._per_key
+        # A missing word becomes a number no word of the text has; past the end, END (which
+        # the text has, so matches are cut at the end of ``words`` below).
+        padded = np.concatenate(
+            [np.where(ids == _MISSING, len(self.hashes) + 1, ids), [_END] * width]
+        )
+        grams = padded[np.arange(len(ids))[:, None] + np.arange(width)]
+        queries = self._pack(grams)
+        at = np.searchsorted(self._keys, queries)
+        neighbours = self._keys[np.clip(np.concatenate([at - 1, at]), 0, len(self._keys) - 1)]
+        shared = self._shared(np.concatenate([queries, queries]), neighbours)
+        shared = np.maximum(shared[: len(ids)], shared[len(ids) :])
+        shared = np.minimum(shared, len(ids) - np.arange(len(ids)))
+        best = int(shared.max())
+        for start in np.flatnonzero(shared == width).tolist():
+            length = width
+            if start + length >= len(ids) or len(ids) - start <= best:
+                continue  # nothing after it, or it cannot beat the best
+            lo, hi = self.span(tuple(ids[start : start + width].tolist()))
+            while start + length < len(ids) and (word := int(ids[start + length])) != _MISSING:
+                lo, hi = self._narrow(lo, hi, length, word)
+                if hi <= lo:
+                    break
+                length += 1
+            best = max(best, length)
+        return best
+
+    def _pack(self, grams: Ids) -> NDArray[np.uint64]:
+        """(R, `_per_key`) word ids as the sortable keys of `_keys`."""
+        keys = np.zeros(len(grams), dtype=np.uint64)
+        for j in range(self._per_key):
+            keys = (keys << np.uint64(self._bits)) | grams[:, j].astype(np.uint64)
+        return keys
+
+    def _shared(self, a: NDArray[np.uint64], b: NDArray[np.uint64]) -> Ids:
+        """How many leading words two packed keys share."""
+        diff = a ^ b
+        mask = np.uint64((1 << self._bits) - 1)
+        shared = np.zeros(len(a), dtype=np.int64)
+        same = np.ones(len(a), dtype=bool)
+        for j in range(self._per_key):
+            shift = np.uint64(self._bits * (self._per_key - 1 - j))
+            same &= ((diff >> shift) & mask) == 0
+            shared += same
+        return shared
 
 
 class CopyGuard:

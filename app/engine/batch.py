@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -103,7 +103,7 @@ class Batch:
         self.model = model
         self.vocab = vocab
         self.banned = list(banned)
-        self.copies = copies  # the training text's index: `longest_copy`, `max_copy_words`
+        self.copies = copies  # the training text's index, for `max_copy_words`
         self.hidden: Hidden | None = None
         self.rows: list[_Row] = []
         self._seqs: dict[Hashable, _Sequence] = {}
@@ -362,13 +362,7 @@ class Batch:
         if seq.job.keep_state:
             assert seq.state is not None
             state = hidden_to(seq.state, torch.device("cpu"))
-        samples = [text.finish() for text in seq.texts]
-        if self.copies is not None:
-            index, context = self.copies.index, seq.job.context
-            samples = [
-                replace(s, longest_copy=index.longest_copy([*context, *s.words])) for s in samples
-            ]
-        return GenerationResult(samples, state)
+        return GenerationResult([text.finish() for text in seq.texts], state)
 
 
 def _failed(key: Hashable, exc: Exception) -> Update:
