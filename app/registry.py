@@ -463,6 +463,7 @@ class ModelRegistry:
             max_batch=s.max_batch,
             timeout_seconds=s.request_timeout_seconds,
             threads=s.torch_threads,
+            quantize=s.quantize,
         )
         return TextService(engine, sessions, s, name=name)
 

@@ -424,6 +424,7 @@ class InfoResponse(BaseModel):
     loaded_at: datetime = Field(description="When this version of the model was loaded.")
     run: str
     device: str
+    quantize: str = Field(description="off, or int8: the weights served (WORDRNN_QUANTIZE).")
     created: str | None
     updated: str | None
     architecture: dict[str, Any]

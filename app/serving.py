@@ -429,6 +429,7 @@ class TextService:
             loaded_at=self.loaded_at,
             run=loaded.run_dir.name,
             device=str(loaded.device),
+            quantize=settings.quantize,
             created=manifest.get("created"),
             updated=manifest.get("updated"),
             architecture=loaded.config.to_json(),

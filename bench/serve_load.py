@@ -77,6 +77,7 @@ from bench.server import (
     ms,
     percentile,
 )
+from model_store.network import QUANTIZATIONS
 
 RESULTS = REPO / "bench" / "results" / "serve_load.json"
 WORDS = 25
@@ -103,6 +104,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--device", default="cpu", help="cpu (default, the figures in the README) or cuda[:N]"
     )
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZATIONS,
+        default="off",
+        help="int8: the servers and COMPUTE use the int8 model (WORDRNN_QUANTIZE)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     return parser.parse_args(argv)
 
@@ -111,12 +118,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def compute_words_per_second(
-    run_dir: Path, device: str = "cpu", batch: int = COMPUTE_BATCH
+    run_dir: Path, device: str = "cpu", batch: int = COMPUTE_BATCH, quantize: str = "off"
 ) -> dict[str, Any]:
     """The model's own batched step, alone: logits, sampling, RNN cell, at ``batch`` rows.
 
     Timed with one torch thread and with torch's default; the best is COMPUTE (the higher
-    it is, the harder the ceiling target)."""
+    it is, the harder the ceiling target). Words are counted as the servers count them: for
+    a subword model, the pieces drawn that open a word."""
     from model_store import checkpoint
     from model_store.sampling import (
         SamplingParams,
@@ -127,8 +135,9 @@ def compute_words_per_second(
         sample,
     )
 
-    loaded = checkpoint.load(run_dir, device)
+    loaded = checkpoint.load(run_dir, device, quantize)
     model, vocab = loaded.model, loaded.vocab
+    opens = vocab.starts_word() if vocab.is_subword else [True] * len(vocab)
     banned = list(vocab.special_ids)
     seed = vocab.encode_lenient(vocab.tokenize(str(BODY["seed_words"])))[0]
     params = [SamplingParams()] * batch
@@ -141,12 +150,12 @@ def compute_words_per_second(
             torch.set_num_threads(threads)
             best = 0.0
             for _ in range(3):  # best of three rounds of a few hundred steps
-                steps, started = 0, time.perf_counter()
+                words, started = 0, time.perf_counter()
                 while (elapsed := time.perf_counter() - started) < 2.0:
                     ids = sample(next_logits(model, hidden), params, generators, banned)
                     hidden = advance(model, hidden, ids)
-                    steps += 1
-                best = max(best, steps * batch / elapsed)
+                    words += sum(opens[i] for i in ids)
+                best = max(best, words / elapsed)
             by_threads[str(threads)] = best
     torch.set_num_threads(default_threads)
     return {
@@ -169,12 +178,17 @@ def best_compute(*runs: dict[str, Any]) -> dict[str, Any]:
 
 
 def start_server(
-    run_dir: Path, mode: str, logdir: Path, threads: int | None, device: str = "cpu"
+    run_dir: Path,
+    mode: str,
+    logdir: Path,
+    threads: int | None,
+    device: str = "cpu",
+    quantize: str = "off",
 ) -> Server:
     """The server of one mode: its engine (``noop`` for ``http``), or the bare floor."""
     if mode == "floor":
         return Server(run_dir, mode, logdir, module="bench.floor")
-    args = ["--engine", {"http": "noop"}.get(mode, mode)]
+    args = ["--engine", {"http": "noop"}.get(mode, mode), "--quantize", quantize]
     env = {"WORDRNN_TORCH_THREADS": str(threads)} if threads is not None else {}
     return Server(run_dir, mode, logdir, args=args, env=env, device=device)
 
@@ -301,7 +315,8 @@ def bench_servers(
     streams last, then the peak RSS."""
     levels = [int(c) for c in args.concurrency.split(",")]
     servers = {
-        mode: start_server(run_dir, mode, logdir, args.torch_threads, args.device) for mode in modes
+        mode: start_server(run_dir, mode, logdir, args.torch_threads, args.device, args.quantize)
+        for mode in modes
     }
     out: dict[str, Any] = {mode: {"levels": []} for mode in modes}
     try:
@@ -450,14 +465,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run_dir = model_dir(args)
         print(f"model: {run_dir}", file=sys.stderr)
-        before = compute_words_per_second(run_dir, args.device)
+        before = compute_words_per_second(run_dir, args.device, quantize=args.quantize)
         print(f"COMPUTE: {before['by_torch_threads']} words/s at batch {COMPUTE_BATCH} "
               "(by torch threads)", file=sys.stderr)  # fmt: skip
         load_before = os.getloadavg()
         with tempfile.TemporaryDirectory(prefix="serve-load-") as logdir:
             results = bench_servers(run_dir, hey, args, modes, Path(logdir))
         load_after = os.getloadavg()
-        compute = best_compute(before, compute_words_per_second(run_dir, args.device))
+        compute = best_compute(
+            before, compute_words_per_second(run_dir, args.device, quantize=args.quantize)
+        )
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -475,6 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "words_per_request": WORDS,
         "body": BODY,
         "model": str(run_dir),
+        "quantize": args.quantize,
         "compute": compute,
         "results": results,
         "targets": found,

@@ -47,12 +47,14 @@ from torch import Tensor
 
 from model_store.copies import COPIES_FILE, CopyIndex, CopyIndexError
 from model_store.network import (
+    QUANTIZATIONS,
     ConfigError,
     Hidden,
     ModelConfig,
     WordRNN,
     hidden_from_tensors,
     hidden_to_tensors,
+    quantized,
 )
 from model_store.vocab import Vocab, VocabError
 
@@ -462,8 +464,11 @@ def _build(config: ModelConfig, config_path: Path, tensors: Mapping[str, Tensor]
         raise CheckpointError(config_path, f"cannot build the network ({exc})") from None
 
 
-def load(run_dir: Path | str, device: str | torch.device = "cpu") -> Checkpoint:
-    """Load and verify a run folder's best weights onto ``device``, in eval mode.
+def load(
+    run_dir: Path | str, device: str | torch.device = "cpu", quantize: str = "off"
+) -> Checkpoint:
+    """Load and verify a run folder's best weights onto ``device``, in eval mode; with
+    ``quantize`` ``"int8"``, as `network.quantized` makes them (the CPU only).
 
     Every file is checked against the sha256 in the manifest and every tensor against the
     shapes the config and the vocabulary imply, and for NaN or infinite values; any problem
@@ -473,6 +478,10 @@ def load(run_dir: Path | str, device: str | torch.device = "cpu") -> Checkpoint:
     if not run_dir.is_dir():
         raise CheckpointError(run_dir, "no such folder")
     dev = device if isinstance(device, torch.device) else pick_device(device)
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZATIONS)} (got {quantize!r})")
+    if quantize != "off" and dev.type != "cpu":
+        raise DeviceError(f"quantize {quantize} runs on the CPU only (the device is {dev})")
     config, training, vocab, manifest = read_header(run_dir)
     name = manifest.get("weights")
     if not isinstance(name, str):
@@ -487,6 +496,8 @@ def load(run_dir: Path | str, device: str | torch.device = "cpu") -> Checkpoint:
     model.load_state_dict(tensors, strict=not config.tie_weights)
     model.rnn.flatten_parameters()
     model.to(dev).eval()
+    if quantize == "int8":
+        model = quantized(model)
     copies = _copies(run_dir, manifest)
     return Checkpoint(run_dir, model, vocab, config, training, manifest, dev, copies)
 

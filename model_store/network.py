@@ -9,6 +9,8 @@ large vocabularies, several times cheaper.
 
 from __future__ import annotations
 
+import copy
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, cast
@@ -20,6 +22,8 @@ from torch import Tensor, nn
 CellName = Literal["rnn_tanh", "rnn_relu", "lstm", "gru"]
 CELLS: tuple[str, ...] = ("rnn_tanh", "rnn_relu", "lstm", "gru")
 SoftmaxName = Literal["full", "adaptive"]
+QuantizeName = Literal["off", "int8"]
+QUANTIZATIONS: tuple[str, ...] = ("off", "int8")
 SOFTMAXES: tuple[str, ...] = ("full", "adaptive")
 
 # An LSTM's state is (h, c); the other cells' is h alone. Each is (layers, B, hidden_dim).
@@ -219,6 +223,25 @@ class WordRNN(nn.Module):
         """(B, T) ids -> (B, T, V) logits and the new hidden state."""
         out, hidden = self.features(ids, hidden)
         return self.logits(out), hidden
+
+
+def quantized(model: WordRNN) -> WordRNN:
+    """A copy of ``model`` for the CPU whose output layer (nearly all of a step's work) and
+    LSTM or GRU hold int8 weights, the inputs quantized batch by batch as they come (torch's
+    dynamic quantization). The embedding and the state stay float.
+
+    ``torch.ao.quantization`` is deprecated in favour of torchao, but torchao's int8 CPU
+    kernels measured slower than float32 here (without ``torch.compile``), and these faster
+    (``bench/serve_load.py --quantize int8``); its warnings are not the user's to act on.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cast(
+            WordRNN,
+            torch.ao.quantization.quantize_dynamic(
+                copy.deepcopy(model), {nn.Linear, nn.LSTM, nn.GRU}, dtype=torch.qint8
+            ),
+        )
 
 
 def count_parameters(model: nn.Module) -> int:

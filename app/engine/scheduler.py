@@ -169,11 +169,13 @@ class Engine:
         max_batch: int = 128,
         timeout_seconds: float = 60.0,
         threads: int = 0,
+        quantize: str = "off",
         clock: Clock = time.monotonic,
     ) -> Engine:
         """Load and verify ``run_dir`` onto ``device`` on the inference thread, then warm up.
 
-        ``threads`` sets torch's intra-op threads for the process (0 leaves torch's default).
+        ``threads`` sets torch's intra-op threads for the process (0 leaves torch's default);
+        ``quantize`` ``"int8"`` serves the int8 copy of the model (`network.quantized`).
         Raises StartupError (one line naming the file or the device) when that fails.
         """
         engine_cls: type[Engine] | None = cls if cls.kind else ENGINES.get(kind)
@@ -184,7 +186,7 @@ class Engine:
         executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="inference")
         loop = asyncio.get_running_loop()
         try:
-            loaded = await loop.run_in_executor(executor, _load, run_dir, device, threads)
+            loaded = await loop.run_in_executor(executor, _load, run_dir, device, threads, quantize)
         except (CheckpointError, ValueError) as exc:
             executor.shutdown(wait=False)
             raise StartupError(str(exc).splitlines()[0]) from None
@@ -643,7 +645,7 @@ def _settle(future: asyncio.Future[Any], outcome: Any) -> None:
         future.set_result(outcome)
 
 
-def _load(run_dir: Path, device: str, threads: int = 0) -> Checkpoint:
+def _load(run_dir: Path, device: str, threads: int = 0, quantize: str = "off") -> Checkpoint:
     if threads:
         torch.set_num_threads(threads)
-    return checkpoint.load(run_dir, checkpoint.pick_device(device))
+    return checkpoint.load(run_dir, checkpoint.pick_device(device), quantize)
