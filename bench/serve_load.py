@@ -11,7 +11,9 @@ serve`` trains; ``--model-dir`` is an alias). When no folder is given and ``runs
 holds no run, one is trained the same way (``python -m
 training --corpus builtin:shakespeare --preset subword``) for ``--train-minutes`` (default 5)
 into ``--cache-dir`` (default ``~/.cache/wordrnn/bench-subword``) and reused next time
-(``bench/server.py``, shared with the soak and overload runs).
+(``bench/server.py``, shared with the soak and overload runs). ``--model small`` serves the
+lab's tanh RNN 64 instead (trained for a minute into ``~/.cache/wordrnn/bench-lab``), a model
+whose steps cost so little that HTTP sets the pace.
 
 Four servers are started in turn, each the real thing (``python -m app``, uvicorn, HTTP on
 127.0.0.1, log level warning so that no access log is written):
@@ -492,6 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "words_per_request": WORDS,
         "body": BODY,
         "model": str(run_dir),
+        "model_kind": args.model if args.run_dir is None else "run-dir",
         "quantize": args.quantize,
         "compute": compute,
         "results": results,

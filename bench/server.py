@@ -4,7 +4,8 @@
 ``runs/default`` (what ``make serve`` trains) when it holds a run, else the built-in default
 model, trained once with ``make serve``'s preset (``python -m training --corpus
 builtin:shakespeare --preset subword``) for ``--train-minutes`` into ``--cache-dir`` and reused
-next time; `add_model_args` adds those flags.
+next time; ``--model small`` trains the lab's tanh RNN 64 instead (one minute); `add_model_args`
+adds those flags.
 
 `Server` is the real thing: ``python -m app`` in a subprocess on a free loopback port, its log
 in a file, ``WORDRNN_*`` settings from the caller only (none inherited); it reads the server's
@@ -31,7 +32,10 @@ from training.config import SERVE_PRESET
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RUN = REPO / "runs" / "default"  # what ``make serve`` trains
-DEFAULT_CACHE = Path.home() / ".cache" / "wordrnn" / f"bench-{SERVE_PRESET}"
+CACHE = Path.home() / ".cache" / "wordrnn"
+# The models the serving benchmarks can train for themselves: make serve's, and a small one
+# (the lab's tanh RNN 64) on which a request's HTTP costs weigh most. Name -> preset, minutes.
+MODELS = {"default": (SERVE_PRESET, 5.0), "small": ("lab", 1.0)}
 ACTIVE_ROWS = "wordrnn_engine_active_rows"
 PENDING_JOBS = "wordrnn_engine_pending_jobs"
 
@@ -48,10 +52,24 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         help="the run folder to serve (default: runs/default, or without a run there the "
-        "built-in default model, trained once into --cache-dir)",
+        "built-in --model, trained once into --cache-dir)",
     )
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
-    parser.add_argument("--train-minutes", type=float, default=5.0)
+    parser.add_argument(
+        "--model",
+        choices=MODELS,
+        default="default",
+        help="without --run-dir: default (make serve's preset; runs/default when it holds a "
+        "run) or small (the lab's tanh RNN 64)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help=f"where --model is trained once (default: {CACHE}/bench-PRESET)",
+    )
+    parser.add_argument(
+        "--train-minutes", type=float, default=None, help="default: 5 (default), 1 (small)"
+    )
 
 
 def add_torch_threads_arg(parser: argparse.ArgumentParser, default: int | None) -> None:
@@ -74,28 +92,29 @@ def find_hey() -> str | None:
 
 
 def model_dir(args: argparse.Namespace) -> Path:
-    """``--run-dir``, which must hold a run; without it ``runs/default`` when it holds one,
-    else the default model, trained once into the cache."""
+    """``--run-dir``, which must hold a run; without it, for the default ``--model``,
+    ``runs/default`` when it holds one; else ``--model``, trained once into the cache."""
     if args.run_dir is not None:
         if not (args.run_dir / "manifest.json").is_file():
             raise BenchError(f"{args.run_dir} holds no run (no manifest.json)")
         return Path(args.run_dir)
-    if (DEFAULT_RUN / "manifest.json").is_file():
+    if args.model == "default" and (DEFAULT_RUN / "manifest.json").is_file():
         return DEFAULT_RUN
-    cached = Path(args.cache_dir)
+    preset, minutes = MODELS[args.model]
+    minutes = args.train_minutes if args.train_minutes is not None else minutes
+    cached = Path(args.cache_dir) if args.cache_dir is not None else CACHE / f"bench-{preset}"
     if (cached / "manifest.json").is_file():
         return cached
     print(
-        f"no run in {DEFAULT_RUN}: training the default model for {args.train_minutes:g} "
-        f"minutes into {cached}",
+        f"training the {args.model} model ({preset} preset) for {minutes:g} minutes into {cached}",
         file=sys.stderr,
     )
     command = [
         sys.executable, "-m", "training", "--corpus", "builtin:shakespeare", "--out", str(cached),
-        "--preset", SERVE_PRESET, "--max-minutes", str(args.train_minutes), "--quiet",
+        "--preset", preset, "--max-minutes", str(minutes), "--quiet",
     ]  # fmt: skip
     if subprocess.run(command, cwd=REPO, check=False).returncode != 0:
-        raise BenchError("training the default model failed (see above)")
+        raise BenchError(f"training the {args.model} model failed (see above)")
     return cached
 
 

@@ -73,6 +73,14 @@ class CopyIndex:
             column = self.text[np.minimum(self.sa + j, last)].astype(np.uint64)
             keys = (keys << np.uint64(self._bits)) | column
         self._keys = keys
+        self._shifts = np.array(
+            [self._bits * (self._per_key - 1 - j) for j in range(self._per_key)], dtype=np.uint64
+        )
+        # 2 ** (bits x fields after field k), for k = 1 .. _per_key: see `_shared`.
+        self._below = np.array(
+            [1 << (self._bits * (self._per_key - k)) for k in range(1, self._per_key + 1)],
+            dtype=np.uint64,
+        )
         self.word_id = functools.lru_cache(maxsize=65536)(self._word_id)
         # A generating row asks for the same run at each of its steps.
         self.span = functools.lru_cache(maxsize=65536)(self._span)
@@ -196,23 +204,16 @@ class CopyIndex:
         return best
 
     def _pack(self, grams: Ids) -> NDArray[np.uint64]:
-        """(R, `_per_key`) word ids as the sortable keys of `_keys`."""
-        keys = np.zeros(len(grams), dtype=np.uint64)
-        for j in range(self._per_key):
-            keys = (keys << np.uint64(self._bits)) | grams[:, j].astype(np.uint64)
-        return keys
+        """(R, `_per_key`) word ids as the sortable keys of `_keys` (the fields do not
+        overlap, so their sum is their bitwise or)."""
+        return (grams.astype(np.uint64) << self._shifts).sum(axis=1, dtype=np.uint64)
 
     def _shared(self, a: NDArray[np.uint64], b: NDArray[np.uint64]) -> Ids:
-        """How many leading words two packed keys share."""
-        diff = a ^ b
-        mask = np.uint64((1 << self._bits) - 1)
-        shared = np.zeros(len(a), dtype=np.int64)
-        same = np.ones(len(a), dtype=bool)
-        for j in range(self._per_key):
-            shift = np.uint64(self._bits * (self._per_key - 1 - j))
-            same &= ((diff >> shift) & mask) == 0
-            shared += same
-        return shared
+        """How many leading words two packed keys share: k when their difference lies in
+        the last `_per_key` - k fields."""
+        return (  # type: ignore[no-any-return]
+            ((a ^ b)[:, None] < self._below).sum(axis=1)
+        )
 
 
 class CopyGuard:
