@@ -12,8 +12,8 @@ holds no run, one is trained the same way (``python -m
 training --corpus builtin:shakespeare --preset subword``) for ``--train-minutes`` (default 5)
 into ``--cache-dir`` (default ``~/.cache/wordrnn/bench-subword``) and reused next time
 (``bench/server.py``, shared with the soak and overload runs). ``--model small`` serves the
-lab's tanh RNN 64 instead (trained for a minute into ``~/.cache/wordrnn/bench-lab``), a model
-whose steps cost so little that HTTP sets the pace.
+lab's tanh RNN 64 instead (trained on two plays for a minute into
+``~/.cache/wordrnn/bench-lab``), a model whose steps cost so little that HTTP sets the pace.
 
 Four servers are started in turn, each the real thing (``python -m app``, uvicorn, HTTP on
 127.0.0.1, log level warning so that no access log is written):

@@ -4,8 +4,8 @@
 ``runs/default`` (what ``make serve`` trains) when it holds a run, else the built-in default
 model, trained once with ``make serve``'s preset (``python -m training --corpus
 builtin:shakespeare --preset subword``) for ``--train-minutes`` into ``--cache-dir`` and reused
-next time; ``--model small`` trains the lab's tanh RNN 64 instead (one minute); `add_model_args`
-adds those flags.
+next time; ``--model small`` trains the lab's tanh RNN 64 on two plays instead (one minute);
+`add_model_args` adds those flags.
 
 `Server` is the real thing: ``python -m app`` in a subprocess on a free loopback port, its log
 in a file, ``WORDRNN_*`` settings from the caller only (none inherited); it reads the server's
@@ -34,8 +34,12 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RUN = REPO / "runs" / "default"  # what ``make serve`` trains
 CACHE = Path.home() / ".cache" / "wordrnn"
 # The models the serving benchmarks can train for themselves: make serve's, and a small one
-# (the lab's tanh RNN 64) on which a request's HTTP costs weigh most. Name -> preset, minutes.
-MODELS = {"default": (SERVE_PRESET, 5.0), "small": ("lab", 1.0)}
+# (the lab's tanh RNN 64 on two plays, 36,000 words) on which a request's HTTP costs weigh
+# most. Name -> preset, minutes, corpus.
+MODELS = {
+    "default": (SERVE_PRESET, 5.0, ["builtin:shakespeare"]),
+    "small": ("lab", 1.0, ["builtin:shakespeare/macbeth", "builtin:shakespeare/julius-caesar"]),
+}
 ACTIVE_ROWS = "wordrnn_engine_active_rows"
 PENDING_JOBS = "wordrnn_engine_pending_jobs"
 
@@ -100,7 +104,7 @@ def model_dir(args: argparse.Namespace) -> Path:
         return Path(args.run_dir)
     if args.model == "default" and (DEFAULT_RUN / "manifest.json").is_file():
         return DEFAULT_RUN
-    preset, minutes = MODELS[args.model]
+    preset, minutes, corpus = MODELS[args.model]
     minutes = args.train_minutes if args.train_minutes is not None else minutes
     cached = Path(args.cache_dir) if args.cache_dir is not None else CACHE / f"bench-{preset}"
     if (cached / "manifest.json").is_file():
@@ -110,7 +114,7 @@ def model_dir(args: argparse.Namespace) -> Path:
         file=sys.stderr,
     )
     command = [
-        sys.executable, "-m", "training", "--corpus", "builtin:shakespeare", "--out", str(cached),
+        sys.executable, "-m", "training", "--corpus", *corpus, "--out", str(cached),
         "--preset", preset, "--max-minutes", str(minutes), "--quiet",
     ]  # fmt: skip
     if subprocess.run(command, cwd=REPO, check=False).returncode != 0:
