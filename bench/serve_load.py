@@ -337,7 +337,7 @@ def bench_servers(
                 print(f"  {mode:8} c={concurrency:<4} {_line(level)}", file=sys.stderr)
                 out[mode]["levels"].append(level)
         for mode, server in servers.items():
-            if mode != "http" and args.stream_requests:
+            if mode in ("batched", "naive") and args.stream_requests:  # the others never stream
                 stream = asyncio.run(time_to_first_word(server.url, 64, args.stream_requests))
                 print(f"  {mode:8} streams c=64 {stream}", file=sys.stderr)
                 out[mode]["stream"] = stream
