@@ -88,8 +88,10 @@ class SubwordModel:
         self._decoder = decoders.ByteLevel()
         vocab = tokenizer.get_vocab()
         self.pieces: tuple[str, ...] = tuple(sorted(vocab, key=vocab.__getitem__))  # id order
-        # Per model, bounded: prompts may bring any number of new words.
+        # Per model, bounded: prompts may bring any number of new words, and a server spells
+        # the same few thousand words over and over.
         self.word_pieces = functools.lru_cache(maxsize=65536)(self._word_pieces)
+        self._spelled = functools.lru_cache(maxsize=65536)(self._spell)
 
     @classmethod
     def train(cls, words: Iterable[str], vocab_size: int) -> SubwordModel:
@@ -134,7 +136,10 @@ class SubwordModel:
         """The word spelled by ``pieces`` (a start piece and its continuations). Bytes that
         do not decode become U+FFFD, and so does whitespace inside a word, so that a word
         never holds whitespace whatever a model writes."""
-        if list(pieces) == [NEWLINE]:
+        return self._spelled(tuple(pieces))
+
+    def _spell(self, pieces: tuple[str, ...]) -> str:
+        if pieces == (NEWLINE,):
             return NEWLINE
         text = case_unmarked(self._decoder.decode(list(pieces)).removeprefix(" "))
         return "".join("\ufffd" if c.isspace() else c for c in text)
