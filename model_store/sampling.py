@@ -151,6 +151,37 @@ def make_generator(seed: int) -> torch.Generator:
     return gen
 
 
+class Draws:
+    """One row's uniform numbers from a generator of its own, drawn a block at a time.
+
+    For ``torch.rand(n)`` a CPU generator gives the numbers of n calls to ``torch.rand(1)``,
+    so a row that takes its numbers one a step from blocks draws exactly what it would draw
+    one call a step, while a batch makes one call every `BLOCK` steps instead of one a row
+    each step (each call releases and takes back the interpreter lock).
+    """
+
+    BLOCK = 64
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.rewind(0)
+
+    def take(self) -> float:
+        if self._next == len(self._block):
+            self._block = torch.rand(self.BLOCK, generator=self._generator).tolist()
+            self._next = 0
+        self._next += 1
+        return self._block[self._next - 1]  # type: ignore[no-any-return]
+
+    def rewind(self, drawn: int) -> None:
+        """Back to where the row was after ``drawn`` numbers."""
+        self._generator = make_generator(self.seed)
+        self._block: list[float] = []
+        self._next = 0
+        for _ in range(drawn):
+            self.take()
+
+
 def feed(model: WordRNN, seqs: Sequence[Sequence[int]], hidden: Hidden | None = None) -> Hidden:
     """Feed each row's ids (at least one each) on top of ``hidden`` (zeros when None) in one
     forward pass; rows may differ in length (they are packed). Returns the new hidden state."""
@@ -237,10 +268,11 @@ def advance(model: WordRNN, hidden: Hidden, ids: Sequence[int] | Tensor) -> Hidd
 def sample(
     logits: Tensor,
     params: Sequence[SamplingParams],
-    generators: Sequence[torch.Generator],
+    generators: Sequence[torch.Generator | Draws],
     banned_ids: Sequence[int] = (),
 ) -> list[int]:
-    """Pick one id per row of (B, V) ``logits``, each row with its own params and generator.
+    """Pick one id per row of (B, V) ``logits``, each row with its own params and generator
+    (or `Draws`, the same numbers drawn a block at a time).
 
     ``banned_ids`` (typically <unk> and <bos>) are never picked. Never a softmax plus a
     multinomial over the whole vocabulary: a row draws by ``cumsum`` + ``searchsorted``, far
@@ -258,7 +290,13 @@ def sample(
             logits = logits.index_fill(
                 1, torch.tensor(banned_ids, device=logits.device), -torch.inf
             )
-        draws = torch.cat([torch.rand(1, generator=g) for g in generators]).to(logits.device)
+        draws = torch.tensor(
+            [
+                g.take() if isinstance(g, Draws) else torch.rand(1, generator=g).item()
+                for g in generators
+            ],
+            device=logits.device,
+        )
         groups: dict[int, list[int]] = {}  # k (0: the whole vocabulary, unsorted) -> rows
         for row, p in enumerate(params):
             groups.setdefault(_candidates(p, vocab_size), []).append(row)

@@ -39,7 +39,7 @@ from model_store import checkpoint
 from model_store.checkpoint import Checkpoint
 from model_store.copies import CopyGuard
 from model_store.network import hidden_parts
-from model_store.sampling import SamplingParams, prime
+from model_store.sampling import Draws, SamplingParams, prime
 from tests.app_helpers import Gate
 from tests.conftest import build_run
 
@@ -433,12 +433,12 @@ def poison_sampling(monkeypatch: pytest.MonkeyPatch) -> None:
     numbers, after every row of the call has drawn: the rows that share the step must be
     put back to where they were."""
     real = batch_module.sample
-    draws: dict[torch.Generator, int] = {}
+    draws: dict[Draws, int] = {}
 
     def faulty(logits: torch.Tensor, params: Any, generators: Any, banned: Any = ()) -> Any:
         ids = real(logits, params, generators, banned)
         for generator in generators:
-            if generator.initial_seed() == POISON:
+            if generator.seed == POISON:
                 draws[generator] = draws.get(generator, 0) + 1
                 if draws[generator] > FAULT_AT:
                     raise RuntimeError("poisoned sampling")

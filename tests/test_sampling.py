@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from model_store import checkpoint
 from model_store.network import CELLS, Hidden, ModelConfig, WordRNN, hidden_parts, hidden_select
 from model_store.sampling import (
+    Draws,
     SamplingParams,
     advance,
     feed,
@@ -401,3 +402,11 @@ def test_bad_words_are_blocked_at_their_last_id() -> None:
     assert after_one == [0.0, 0.0, -math.inf, -math.inf, 0.0]  # "1 2" would complete there
     elsewhere = penalize(logits, [params], [[0, 4]], [0])[0].tolist()
     assert elsewhere == [0.0, 0.0, 0.0, -math.inf, 0.0]
+
+
+def test_draws_a_block_at_a_time_are_the_numbers_of_one_call_a_step() -> None:
+    draws, generator = Draws(17), make_generator(17)
+    one_by_one = [torch.rand(1, generator=generator).item() for _ in range(3 * Draws.BLOCK + 5)]
+    assert [draws.take() for _ in range(len(one_by_one))] == one_by_one
+    draws.rewind(Draws.BLOCK + 2)  # back into the second block
+    assert draws.take() == one_by_one[Draws.BLOCK + 2]

@@ -37,8 +37,8 @@ from app.text import Alternatives, Continuation
 from model_store.copies import CopyGuard
 from model_store.network import Hidden, WordRNN, hidden_cat, hidden_select, hidden_to
 from model_store.sampling import (
+    Draws,
     advance,
-    make_generator,
     next_logits,
     penalize,
     sample,
@@ -64,7 +64,7 @@ class _Sequence:
 class _Row:
     seq: _Sequence
     index: int  # the sample's index in its request
-    generator: torch.Generator
+    generator: Draws
     states: list[Hidden] | None  # after each word (a session with stop strings), else None
     text: list[int] = field(default_factory=list)  # ids so far, kept for repetition controls
     generated: int = 0  # how many of them this row drew
@@ -168,7 +168,7 @@ class Batch:
         keep = job.keep_state and bool(job.stop)
         history = list(job.history) if job.params.penalizes else []
         rows = [
-            _Row(seq, i, make_generator(job.random_seed + i), [start] if keep else None, history[:])
+            _Row(seq, i, Draws(job.random_seed + i), [start] if keep else None, history[:])
             for i in range(job.n)
         ]
         return seq, rows
@@ -264,7 +264,7 @@ class Batch:
         failed: dict[_Sequence, Exception] = {}
         for pos, row in enumerate(rows):
             try:
-                _rewind(row.generator, row.seq.texts[row.index].tokens)
+                row.generator.rewind(row.seq.texts[row.index].tokens)
                 ids += sample(logits[pos : pos + 1], [params[pos]], [row.generator], self.banned)
             except Exception as exc:
                 failed.setdefault(row.seq, exc)
@@ -385,14 +385,6 @@ def _word_openings(vocab: Vocab, device: torch.device) -> torch.Tensor | None:
     if not vocab.is_subword:
         return None
     return torch.tensor(vocab.starts_word(), dtype=torch.bool, device=device)
-
-
-def _rewind(generator: torch.Generator, drawn: int) -> None:
-    """Put ``generator`` back to its state after ``drawn`` draws: a row draws one number per
-    step (``model_store.sampling``), so that state is its seed and its token count."""
-    generator.manual_seed(generator.initial_seed())
-    for _ in range(drawn):
-        torch.rand(1, generator=generator)
 
 
 def _starts_each(
