@@ -113,35 +113,61 @@ def penalize(
     if not rows:
         return logits
     logits = logits.float().clone()
-    device = logits.device
+    # Each control gathers (row, id, value) over all rows first: a few tensor operations a
+    # step, not a few per row.
+    rep_rows: list[int] = []
+    rep_ids: list[int] = []
+    rep_by: list[float] = []
+    sub_rows: list[int] = []
+    sub_ids: list[int] = []
+    sub_by: list[float] = []
+    ban_rows: list[int] = []
+    ban_ids: list[int] = []
     for i in rows:
-        p, text = params[i], list(texts[i])
+        p, text = params[i], texts[i]
         if p.repetition_penalty != 1.0 and text:
-            ids = torch.tensor(sorted(set(text)), device=device)
-            scores = logits[i, ids]
-            logits[i, ids] = torch.where(
-                scores > 0, scores / p.repetition_penalty, scores * p.repetition_penalty
-            )
+            seen = set(text)
+            rep_rows += [i] * len(seen)
+            rep_ids += seen
+            rep_by += [p.repetition_penalty] * len(seen)
         recent = text[len(text) - generated[i] :] if generated[i] else []
         if (p.presence_penalty or p.frequency_penalty) and recent:
-            counts = Counter(recent)
-            ids = torch.tensor(list(counts), device=device)
-            times = torch.tensor(list(counts.values()), dtype=torch.float32, device=device)
-            logits[i, ids] -= times * p.frequency_penalty + p.presence_penalty
-        banned: set[int] = set()
-        n = p.no_repeat_ngram_size
-        if n and len(text) >= n - 1:
-            prefix = text[len(text) - (n - 1) :] if n > 1 else []
-            banned |= {
-                text[j + n - 1] for j in range(len(text) - n + 1) if text[j : j + n - 1] == prefix
-            }
-        for phrase in p.bad_words:
-            head = list(phrase[:-1])
-            if not head or text[len(text) - len(head) :] == head:
-                banned.add(phrase[-1])
-        if banned:
-            logits[i, torch.tensor(sorted(banned), device=device)] = -torch.inf
+            for word, times in Counter(recent).items():
+                sub_rows.append(i)
+                sub_ids.append(word)
+                sub_by.append(times * p.frequency_penalty + p.presence_penalty)
+        if p.no_repeat_ngram_size or p.bad_words:
+            banned = _banned(p, list(text))
+            ban_rows += [i] * len(banned)
+            ban_ids += banned
+    device = logits.device
+    if rep_rows:
+        at = (torch.tensor(rep_rows, device=device), torch.tensor(rep_ids, device=device))
+        scores, by = logits[at], torch.tensor(rep_by, device=device)
+        logits[at] = torch.where(scores > 0, scores / by, scores * by)
+    if sub_rows:
+        at = (torch.tensor(sub_rows, device=device), torch.tensor(sub_ids, device=device))
+        logits[at] -= torch.tensor(sub_by, device=device)
+    if ban_rows:
+        at = (torch.tensor(ban_rows, device=device), torch.tensor(ban_ids, device=device))
+        logits[at] = -torch.inf
     return logits
+
+
+def _banned(p: SamplingParams, text: list[int]) -> set[int]:
+    """The ids ``no_repeat_ngram_size`` and ``bad_words`` forbid after ``text``."""
+    banned: set[int] = set()
+    n = p.no_repeat_ngram_size
+    if n and len(text) >= n - 1:
+        prefix = text[len(text) - (n - 1) :] if n > 1 else []
+        banned |= {
+            text[j + n - 1] for j in range(len(text) - n + 1) if text[j : j + n - 1] == prefix
+        }
+    for phrase in p.bad_words:
+        head = list(phrase[:-1])
+        if not head or text[len(text) - len(head) :] == head:
+            banned.add(phrase[-1])
+    return banned
 
 
 def make_generator(seed: int) -> torch.Generator:
