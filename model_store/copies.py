@@ -24,7 +24,6 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 from numpy.typing import NDArray
-from pydivsufsort import divsufsort
 
 from model_store.subword import NEWLINE
 from model_store.vocab import Vocab
@@ -62,17 +61,8 @@ class CopyIndex:
             raise CopyIndexError("the copy index's word hashes are not distinct")
         self.hashes, self.stored = hashes, text
         self.text: Ids = text.astype(np.int64)
-        self.sa: Ids = divsufsort(text.astype(np.uint32)).astype(np.int64)
-        # The first few words of each suffix packed into one sortable integer, so that a run
-        # of up to `_per_key` words is found by one `searchsorted` instead of a bisection each.
         self._bits = max(1, (len(hashes) + 1).bit_length())
         self._per_key = 64 // self._bits
-        last = len(self.text) - 1
-        keys = np.zeros(len(self.sa), dtype=np.uint64)
-        for j in range(self._per_key):
-            column = self.text[np.minimum(self.sa + j, last)].astype(np.uint64)
-            keys = (keys << np.uint64(self._bits)) | column
-        self._keys = keys
         self._shifts = np.array(
             [self._bits * (self._per_key - 1 - j) for j in range(self._per_key)], dtype=np.uint64
         )
@@ -84,6 +74,25 @@ class CopyIndex:
         self.word_id = functools.lru_cache(maxsize=65536)(self._word_id)
         # A generating row asks for the same run at each of its steps.
         self.span = functools.lru_cache(maxsize=65536)(self._span)
+
+    @functools.cached_property
+    def sa(self) -> Ids:
+        """The suffix array, built when the index is first searched: a trainer that only
+        writes the index never loads the library (nor the OpenMP runtime it ships)."""
+        from pydivsufsort import divsufsort
+
+        return divsufsort(self.stored.astype(np.uint32)).astype(np.int64)  # type: ignore[no-any-return]
+
+    @functools.cached_property
+    def _keys(self) -> NDArray[np.uint64]:
+        """The first `_per_key` words of each suffix packed into one sortable integer, so that
+        a run of up to that many words is found by one ``searchsorted``."""
+        last = len(self.text) - 1
+        keys = np.zeros(len(self.sa), dtype=np.uint64)
+        for j in range(self._per_key):
+            column = self.text[np.minimum(self.sa + j, last)].astype(np.uint64)
+            keys = (keys << np.uint64(self._bits)) | column
+        return keys
 
     @classmethod
     def build(cls, documents: Iterable[Sequence[str]]) -> CopyIndex:
@@ -111,7 +120,9 @@ class CopyIndex:
             raise CopyIndexError(f"the copy index cannot be read: {exc}") from None
         if hashes.dtype != np.uint64 or text.dtype not in (np.uint16, np.uint32):
             raise CopyIndexError("the copy index holds arrays of the wrong types")
-        return cls(hashes, text)
+        index = cls(hashes, text)
+        index._keys  # noqa: B018 (built now, at load, not by a first request)
+        return index
 
     @property
     def words(self) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -204,3 +206,19 @@ def test_the_openai_apis_take_the_guard_as_an_extra_field(reciter: TestClient) -
     refused = reciter.post("/v1/completions", json={**body, "max_copy_words": -1})
     assert refused.status_code == 400
     assert refused.json()["error"]["param"] == "max_copy_words"
+
+
+def test_writing_an_index_never_loads_the_suffix_array_library() -> None:
+    """Training processes (torchrun's ranks too) keep one OpenMP runtime, torch's: the
+    library, which ships its own, is loaded only when an index is searched."""
+    code = (
+        "import sys\n"
+        "from model_store.copies import CopyIndex\n"
+        "index = CopyIndex.build([['a', 'b', 'a']])\n"
+        "data = index.to_bytes()\n"
+        "assert 'pydivsufsort' not in sys.modules\n"
+        "assert CopyIndex.from_bytes(data).longest_copy(['a', 'b']) == 2\n"
+        "assert 'pydivsufsort' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
