@@ -286,7 +286,11 @@ class TextService:
                     s.log_probs,
                     s.tops,
                     # Here, not on the inference thread, which is the one that limits throughput.
-                    copies.longest_copy([*plan.job.context, *s.words]) if copies else None,
+                    (
+                        copies.longest_copy([*plan.job.context, *s.words])
+                        if copies is not None
+                        else None
+                    ),
                 )
                 for i, s in enumerate(result.samples)
             ],

@@ -71,9 +71,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"where --model is trained once (default: {CACHE}/bench-PRESET)",
     )
-    parser.add_argument(
-        "--train-minutes", type=float, default=None, help="default: 5 (default), 1 (small)"
-    )
+    minutes = ", ".join(f"{minutes:g} ({name})" for name, (_, minutes, _) in MODELS.items())
+    parser.add_argument("--train-minutes", type=float, default=None, help=f"default: {minutes}")
 
 
 def add_torch_threads_arg(parser: argparse.ArgumentParser, default: int | None) -> None:

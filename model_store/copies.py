@@ -87,12 +87,8 @@ class CopyIndex:
     def _keys(self) -> NDArray[np.uint64]:
         """The first `_per_key` words of each suffix packed into one sortable integer, so that
         a run of up to that many words is found by one ``searchsorted``."""
-        last = len(self.text) - 1
-        keys = np.zeros(len(self.sa), dtype=np.uint64)
-        for j in range(self._per_key):
-            column = self.text[np.minimum(self.sa + j, last)].astype(np.uint64)
-            keys = (keys << np.uint64(self._bits)) | column
-        return keys
+        starts = np.minimum(self.sa[:, None] + np.arange(self._per_key), len(self.text) - 1)
+        return self._pack(self.text[starts])
 
     @classmethod
     def build(cls, documents: Iterable[Sequence[str]]) -> CopyIndex:
@@ -146,12 +142,10 @@ class CopyIndex:
         if len(ids) > self._per_key:
             lo, hi = self.span(ids[:-1])
             return self._narrow(lo, hi, len(ids) - 1, ids[-1])
-        low = 0
-        for j in range(self._per_key):
-            low = (low << self._bits) | (ids[j] if j < len(ids) else 0)
-        high = low | ((1 << (self._bits * (self._per_key - len(ids)))) - 1)
-        lo = int(np.searchsorted(self._keys, np.uint64(low), side="left"))
-        return lo, int(np.searchsorted(self._keys, np.uint64(high), side="right"))
+        low = self._pack(np.array([[*ids, *[_END] * (self._per_key - len(ids))]]))[0]
+        high = low | np.uint64((1 << (self._bits * (self._per_key - len(ids)))) - 1)
+        lo = int(np.searchsorted(self._keys, low, side="left"))
+        return lo, int(np.searchsorted(self._keys, high, side="right"))
 
     def _narrow(self, lo: int, hi: int, k: int, word: int) -> tuple[int, int]:
         """Of the suffixes ``lo:hi``, which share their first k words, those whose next word

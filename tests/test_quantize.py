@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import torch
 from fastapi.testclient import TestClient
 
 from app.main import create_app
+from app.settings import Settings
 from model_store import checkpoint
+from model_store.network import QUANTIZATIONS
 from model_store.scoring import token_log_probs
 from tests.app_helpers import settings_for
 from tests.conftest import TINY_TEXT, MakeRun, build_run
@@ -60,3 +63,7 @@ def test_evaluate_reports_the_int8_figures(
         assert evaluate.main(argv) == 0
         figures[quantize] = json.loads(capsys.readouterr().out)["bits_per_char"]
     assert figures["int8"] == pytest.approx(figures["off"], rel=0.01)
+
+
+def test_the_setting_offers_exactly_the_quantizations_the_loader_knows() -> None:
+    assert get_args(Settings.model_fields["quantize"].annotation) == QUANTIZATIONS
