@@ -9,7 +9,6 @@ large vocabularies, several times cheaper.
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -226,9 +225,9 @@ class WordRNN(nn.Module):
 
 
 def quantized(model: WordRNN) -> WordRNN:
-    """A copy of ``model`` for the CPU whose output layer (nearly all of a step's work) and
-    LSTM or GRU hold int8 weights, the inputs quantized batch by batch as they come (torch's
-    dynamic quantization). The embedding and the state stay float.
+    """``model``, changed in place for the CPU: its output layer (nearly all of a step's work)
+    and LSTM or GRU hold int8 weights, the inputs quantized batch by batch as they come
+    (torch's dynamic quantization). The embedding and the state stay float.
 
     ``torch.ao.quantization`` is deprecated in favour of torchao, but torchao's int8 CPU
     kernels measured slower than float32 here (without ``torch.compile``), and these faster
@@ -239,7 +238,7 @@ def quantized(model: WordRNN) -> WordRNN:
         return cast(
             WordRNN,
             torch.ao.quantization.quantize_dynamic(
-                copy.deepcopy(model), {nn.Linear, nn.LSTM, nn.GRU}, dtype=torch.qint8
+                model, {nn.Linear, nn.LSTM, nn.GRU}, dtype=torch.qint8, inplace=True
             ),
         )
 
