@@ -232,7 +232,11 @@ class TextService:
             context=context,
             params=params,
             # What the repetition controls see before the new words: the session's and the seed's.
-            history=([*self.vocab.encode_words(history)[0], *seed.ids] if params.penalizes else ()),
+            history=(
+                self._history(history, seed.ids)
+                if params.penalizes or self.engine.checkpoint.config.cache.enabled
+                else ()
+            ),
             random_seed=(
                 req.random_seed
                 if req.random_seed is not None
@@ -248,6 +252,10 @@ class TextService:
             logprobs=req.logprobs,
         )
         return _Plan(job, seed, session, prefix)
+
+    def _history(self, words: Sequence[str], seed_ids: Sequence[int]) -> list[int]:
+        """The ids of a session's ``words`` and then of a seed: the text so far."""
+        return [*self.vocab.encode_words(words)[0], *seed_ids]
 
     def _bad_words(self, phrases: Sequence[str]) -> tuple[tuple[int, ...], ...]:
         """Each phrase as the ids the model would write it with; a phrase with a word the
@@ -380,7 +388,8 @@ class TextService:
         seed = self.encode(req.seed_words, req.on_unknown)
         session = await self._continued_session(req.session_id, owner) if req.session_id else None
         hidden = session.hidden if session else None
-        ranked = await self._model(self.engine.next_words(seed.ids, hidden, req.top_k))
+        history = self._history(session.words, seed.ids) if session else seed.ids
+        ranked = await self._model(self.engine.next_words(seed.ids, hidden, req.top_k, history))
         return NextWordsResponse(
             model=self.model_id,
             session_id=session.id if session else None,

@@ -28,7 +28,9 @@ from pathlib import Path
 
 import httpx
 
-from training.config import SERVE_PRESET
+from model_store import checkpoint
+from training.config import SERVE_PRESET, TrainConfig
+from training.config import preset as preset_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RUN = REPO / "runs" / "default"  # what ``make serve`` trains
@@ -107,7 +109,10 @@ def model_dir(args: argparse.Namespace) -> Path:
     minutes = args.train_minutes if args.train_minutes is not None else minutes
     cached = Path(args.cache_dir) if args.cache_dir is not None else CACHE / f"bench-{preset}"
     if (cached / "manifest.json").is_file():
-        return cached
+        if _trained_as(cached, preset):
+            return cached
+        print(f"{cached} was trained with other {preset} settings: training again", file=sys.stderr)
+        shutil.rmtree(cached)
     print(
         f"training the {args.model} model ({preset} preset) for {minutes:g} minutes into {cached}",
         file=sys.stderr,
@@ -119,6 +124,14 @@ def model_dir(args: argparse.Namespace) -> Path:
     if subprocess.run(command, cwd=REPO, check=False).returncode != 0:
         raise BenchError(f"training the {args.model} model failed (see above)")
     return cached
+
+
+def _trained_as(run_dir: Path, name: str) -> bool:
+    """Whether ``run_dir`` was trained with the preset ``name`` as it is now (its time budget
+    aside): a preset that changed since would otherwise be measured with its old model."""
+    _, training, _, _ = checkpoint.read_header(run_dir)
+    stored = TrainConfig.from_json(training).with_overrides(max_minutes=None)
+    return stored == preset_config(name).with_overrides(max_minutes=None)
 
 
 def free_port() -> int:

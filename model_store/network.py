@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model_store.cache import CacheSettings
+
 CellName = Literal["rnn_tanh", "rnn_relu", "lstm", "gru"]
 CELLS: tuple[str, ...] = ("rnn_tanh", "rnn_relu", "lstm", "gru")
 SoftmaxName = Literal["full", "adaptive"]
@@ -64,6 +66,10 @@ class ModelConfig:
     softmax: SoftmaxName = "full"
     cutoffs: tuple[int, ...] | None = None
     div_value: float = 4.0
+    # The text cache mixed into the output (model_store.cache); order 0: none.
+    cache_order: int = 0
+    cache_weight: float = 0.9
+    cache_confidence: float = 4.0
 
     def __post_init__(self) -> None:
         # Types first: a config read from JSON may hold "8" or 1.5 where torch needs an int.
@@ -107,8 +113,13 @@ class ModelConfig:
                     f"cutoffs must increase strictly within (0, {self.vocab_size}); "
                     f"got {list(cutoffs)}"
                 )
+        problems += self.cache.problems()
         if problems:
             raise ConfigError("; ".join(problems))
+
+    @property
+    def cache(self) -> CacheSettings:
+        return CacheSettings(self.cache_order, self.cache_weight, self.cache_confidence)
 
     def resolved_cutoffs(self) -> tuple[int, ...]:
         return tuple(self.cutoffs) if self.cutoffs else adaptive_cutoffs(self.vocab_size)
@@ -209,6 +220,14 @@ class WordRNN(nn.Module):
             return self.log_probs(features)
         assert self.decoder is not None
         return cast(Tensor, self.decoder(features))
+
+    def target_log_probs(self, features: Tensor, targets: Tensor) -> Tensor:
+        """(N, H) features and (N,) target ids -> (N,) each target's log-probability (the
+        network's own, before any text cache)."""
+        if self.adaptive is not None:
+            return cast(Tensor, self.adaptive(features, targets).output)
+        assert self.decoder is not None
+        return -F.cross_entropy(self.decoder(features), targets, reduction="none")
 
     def loss(self, features: Tensor, targets: Tensor) -> Tensor:
         """Mean cross-entropy of (B, T, H) features against (B, T) target ids."""

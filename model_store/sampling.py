@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pack_sequence
 
+from model_store.cache import TextCache, mix_rows
 from model_store.network import (
     Hidden,
     WordRNN,
@@ -392,19 +393,27 @@ def generate(
     """One row, one word at a time: the lab's ``predict``. Returns the new ids and the state.
 
     With ``hidden`` given (a session), generation continues from it after feeding ``seed_ids``.
+    The model's text cache, if it has one, starts from ``seed_ids``.
     ``first_banned_ids`` are also banned from the first word (a subword model's continuation
     pieces: the seed's last word is whole). ``should_stop`` is asked before each word; once it
     says yes, the words so far are returned (a training preview must not outlive a Ctrl-C, a
     SIGTERM or the time budget). It draws nothing, so the words are those of a shorter run.
     """
     hidden = start_state(model, seed_ids, bos_id, hidden)
+    settings = model.config.cache
+    cache = TextCache(settings, model.config.vocab_size, seed_ids) if settings.enabled else None
     out: list[int] = []
     for step in range(n_words):
         if should_stop is not None and should_stop():
             break
         banned = [*banned_ids, *first_banned_ids] if step == 0 else banned_ids
-        logits = penalize(next_logits(model, hidden), [params], [[*seed_ids, *out]], [len(out)])
+        logits = next_logits(model, hidden)
+        if cache is not None:
+            logits = mix_rows(logits, [cache.next_ids()])
+        logits = penalize(logits, [params], [[*seed_ids, *out]], [len(out)])
         (word,) = sample(logits, [params], [generator], banned)
         out.append(word)
+        if cache is not None:
+            cache.add(word)
         hidden = advance(model, hidden, [word])
     return out, hidden

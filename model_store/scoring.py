@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from model_store.cache import NextIds, TextCache, mix_rows, mixed_log_probs
 from model_store.network import Hidden, WordRNN, hidden_select, top_features
 from model_store.sampling import advance
 from model_store.subword import NEWLINE
@@ -25,7 +26,8 @@ CHUNK = 256  # positions per output-layer call: bounds the (T, V) tensor
 
 
 def token_log_probs(model: WordRNN, ids: Sequence[int], bos_id: int) -> Tensor:
-    """(T,) natural log-probability of each id given ``<bos>`` and the ids before it."""
+    """(T,) natural log-probability of each id given ``<bos>`` and the ids before it: the
+    network's, with the model's text cache mixed in (`model_store.cache`)."""
     device = model.embedding.weight.device
     inputs = torch.tensor([bos_id, *ids[:-1]], dtype=torch.long, device=device)
     targets = torch.tensor(list(ids), dtype=torch.long, device=device)
@@ -35,10 +37,13 @@ def token_log_probs(model: WordRNN, ids: Sequence[int], bos_id: int) -> Tensor:
         for start in range(0, len(ids), WINDOW):
             features, hidden = model.features(inputs[start : start + WINDOW].unsqueeze(0), hidden)
             for c in range(0, features.shape[1], CHUNK):
-                log_probs = model.log_probs(features[0, c : c + CHUNK])  # (chunk, V)
-                part = targets[start + c : start + c + log_probs.shape[0]]
-                out.append(log_probs.gather(1, part.unsqueeze(1)).squeeze(1))
-    return torch.cat(out) if out else torch.zeros(0)
+                chunk = features[0, c : c + CHUNK]
+                part = targets[start + c : start + c + chunk.shape[0]]
+                out.append(model.target_log_probs(chunk, part))
+    own = torch.cat(out) if out else torch.zeros(0)
+    if not model.config.cache.enabled:
+        return own
+    return torch.tensor(mixed_log_probs(model.config.cache, ids, own.tolist()), dtype=own.dtype)
 
 
 def bits_per_char(log_prob: float, characters: int) -> float:
@@ -47,9 +52,15 @@ def bits_per_char(log_prob: float, characters: int) -> float:
 
 
 def next_words(
-    model: WordRNN, vocab: Vocab, hidden: Hidden, top_k: int, beam: int = 0
+    model: WordRNN,
+    vocab: Vocab,
+    hidden: Hidden,
+    top_k: int,
+    beam: int = 0,
+    history: Sequence[int] = (),
 ) -> list[tuple[str, float]]:
-    """The ``top_k`` likeliest next words after the state ``hidden`` (one row), best first.
+    """The ``top_k`` likeliest next words after the state ``hidden`` (one row), best first;
+    ``history`` holds the ids of the text so far, for the model's text cache.
 
     For a word vocabulary these are tokens. For a ``subword`` one a word is a start piece and
     its continuations up to the next start piece, so a short beam search over pieces finds
@@ -59,7 +70,13 @@ def next_words(
     """
     device = model.embedding.weight.device
     banned = torch.tensor(vocab.special_ids, device=device)
-    log_probs = model.log_probs(top_features(hidden))[0].index_fill(0, banned, -math.inf)
+    cache = (
+        TextCache(model.config.cache, len(vocab), history) if model.config.cache.enabled else None
+    )
+    log_probs = model.log_probs(top_features(hidden))
+    if cache is not None:
+        log_probs = mix_rows(log_probs, [cache.next_ids()])
+    log_probs = log_probs[0].index_fill(0, banned, -math.inf)
     if not vocab.is_subword:
         values, ids = log_probs.topk(min(top_k, len(vocab) - len(vocab.special_ids)))
         pairs = zip(values.tolist(), ids.tolist(), strict=True)
@@ -78,7 +95,10 @@ def next_words(
         if not beams:
             break
         state = advance(model, state, [b[0][-1] for b in beams])
-        step = model.log_probs(top_features(state)).index_fill(1, banned, -math.inf)  # (B, V)
+        step = model.log_probs(top_features(state))  # (B, V)
+        if cache is not None:
+            step = mix_rows(step, [_extended(cache, pieces) for pieces, _ in beams])
+        step = step.index_fill(1, banned, -math.inf)
         ends = step.masked_fill(~starts, -math.inf).logsumexp(1).tolist()
         for (pieces, score), end in zip(beams, ends, strict=True):
             word = vocab.spell(pieces)
@@ -98,3 +118,14 @@ def next_words(
         beams = [([*beams[row][0], piece], s) for row, piece, s in kept]
     ranked = sorted(found.items(), key=lambda item: item[1], reverse=True)
     return [(w, p) for w, p in ranked if w][:top_k]
+
+
+def _extended(cache: TextCache, pieces: Sequence[int]) -> NextIds:
+    """The cache's say on the next id after ``pieces`` more ids (the cache left unchanged)."""
+    for piece in pieces:
+        cache.add(piece)
+    try:
+        return cache.next_ids(copy=True)
+    finally:
+        for _ in pieces:
+            cache.pop()

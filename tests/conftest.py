@@ -51,6 +51,7 @@ def build_run(
     tokenizer: str = "words",
     seed: int = 0,
     copies: bool = True,
+    training: dict[str, object] | None = None,
     **model_kwargs: object,
 ) -> Path:
     """A run folder with seeded random weights, written by the real ``checkpoint.commit``;
@@ -68,7 +69,7 @@ def build_run(
     checkpoint.commit(
         run_dir,
         config=config,
-        training={"seed": seed},
+        training=training if training is not None else {"seed": seed},
         vocab=vocab,
         weights=checkpoint.weights_state(model),
         iteration=1,

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from bench import server
+from tests.conftest import build_run
+from training import config
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -29,7 +31,14 @@ def test_each_model_is_cached_under_its_preset(
     monkeypatch.setattr(server, "CACHE", tmp_path)
     monkeypatch.setattr(server, "DEFAULT_RUN", tmp_path / "no-run")
     for model, preset in (("default", server.SERVE_PRESET), ("small", "lab")):
-        (tmp_path / f"bench-{preset}").mkdir()
-        (tmp_path / f"bench-{preset}" / "manifest.json").write_text("{}")
+        training = {**config.preset(preset).to_json(), "max_minutes": 5.0}
+        build_run(tmp_path / f"bench-{preset}", training=training)
         assert server.model_dir(parse("--model", model)) == tmp_path / f"bench-{preset}"
     assert server.MODELS["small"][0] == "lab"  # the lab's tanh RNN 64
+
+
+def test_a_model_trained_with_other_settings_is_not_reused(tmp_path: Path) -> None:
+    training = {**config.preset("subword").to_json(), "max_minutes": 5.0}
+    assert server._trained_as(build_run(tmp_path / "same", training=training), "subword")
+    training["cache_order"] = 0  # the preset before its text cache
+    assert not server._trained_as(build_run(tmp_path / "older", training=training), "subword")

@@ -52,8 +52,19 @@ def lstm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def models(tiny_run: Path, lstm_run: Path) -> dict[str, Checkpoint]:
-    return {"rnn": checkpoint.load(tiny_run, "cpu"), "lstm": checkpoint.load(lstm_run, "cpu")}
+def cached_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An LSTM with a text cache that speaks up after a context is seen once."""
+    run_dir = tmp_path_factory.mktemp("cached") / "run"
+    return build_run(run_dir, cell="lstm", seed=5, cache_order=2, cache_confidence=0.5)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_run: Path, lstm_run: Path, cached_run: Path) -> dict[str, Checkpoint]:
+    return {
+        "rnn": checkpoint.load(tiny_run, "cpu"),
+        "lstm": checkpoint.load(lstm_run, "cpu"),
+        "cached": checkpoint.load(cached_run, "cpu"),
+    }
 
 
 def job(**fields: Any) -> GenerationJob:
@@ -178,7 +189,7 @@ def by_sample(events: list[WordEvent]) -> dict[int, list[WordEvent]]:
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.data(), cell=st.sampled_from(["rnn", "lstm"]))
+@given(data=st.data(), cell=st.sampled_from(["rnn", "lstm", "cached"]))
 def test_batched_generation_equals_one_at_a_time(
     models: dict[str, Checkpoint], data: st.DataObject, cell: str
 ) -> None:

@@ -157,6 +157,24 @@ def build_parser() -> argparse.ArgumentParser:
         choices=SOFTMAXES,
         help=f"full, or adaptive (much faster for vocabularies above ~10k) (default: {d.softmax})",
     )
+    net.add_argument(
+        "--cache-order",
+        type=int,
+        help="the text cache: the longest context (in tokens) of the n-grams counted in the "
+        "text so far and mixed into the network's predictions; 0 turns it off "
+        f"(default: {d.cache_order})",
+    )
+    net.add_argument(
+        "--cache-weight",
+        type=float,
+        help=f"the cache's largest share of a prediction, in [0, 1) (default: {d.cache_weight})",
+    )
+    net.add_argument(
+        "--cache-confidence",
+        type=float,
+        help="how many times a context must be seen per distinct follower before the cache "
+        f"takes half its weight (default: {d.cache_confidence})",
+    )
 
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, help=f"passes over the corpus (default: {d.epochs})")

@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from model_store.cache import CacheSettings
 from model_store.network import CELLS, SOFTMAXES, ConfigError, ModelConfig
 from model_store.vocab import TOKENIZERS
 
@@ -42,6 +43,10 @@ class TrainConfig:
     dropout: float = 0.0
     tie_weights: bool = False
     softmax: str = "full"
+    # The text cache (model_store.cache); order 0: none, as in the lab
+    cache_order: int = 0
+    cache_weight: float = 0.9
+    cache_confidence: float = 4.0
     # Optimisation (the lab's)
     epochs: int = 50
     seq_size: int = 20
@@ -121,6 +126,8 @@ class TrainConfig:
             )
         if self.tie_weights and self.softmax == "adaptive":
             problems.append("--tie-weights works with --softmax full only")
+        settings = CacheSettings(self.cache_order, self.cache_weight, self.cache_confidence)
+        problems += [f"--{p.replace('_', '-')}" for p in settings.problems()]
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -134,6 +141,9 @@ class TrainConfig:
             dropout=self.dropout,
             tie_weights=self.tie_weights,
             softmax=self.softmax,  # type: ignore[arg-type]
+            cache_order=self.cache_order,
+            cache_weight=self.cache_weight,
+            cache_confidence=self.cache_confidence,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -186,6 +196,7 @@ PRESETS["subword"] = {
     "tokenizer": "subword",
     "subword_vocab": 4000,
     "min_count": 1,
+    "cache_order": 3,
 }
 
 PRESET_HELP = {

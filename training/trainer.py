@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from model_store import checkpoint, sampling
+from model_store.cache import mixed_log_probs
 from model_store.network import (
     Hidden,
     WordRNN,
@@ -369,12 +370,18 @@ class Trainer:
         self.model.eval()
         x, y = eval_rows(ids.to(self.device), self.config.batch_size)
         hidden = self.model.init_hidden(x.shape[0])
-        total = 0.0
+        parts: list[Tensor] = []  # each window's (rows, w) target log-probabilities
         for _, xb, yb in windows(x, y, self.config.seq_size):
             features, hidden = self.model.features(xb, hidden)
-            total += float(self.model.loss(features, yb)) * yb.numel()
+            flat = features.reshape(-1, features.shape[-1])
+            parts.append(self.model.target_log_probs(flat, yb.reshape(-1)).view_as(yb))
         self.model.train(was_training)
-        return total / y.numel()
+        # Row-major, the rows' targets are the validation text in order: the text cache
+        # (if the model has one) reads it as /score and training.evaluate do.
+        own = torch.cat(parts, dim=1).flatten()
+        settings = self.model.config.cache
+        log_probs = mixed_log_probs(settings, y.flatten().tolist(), own.tolist())
+        return -math.fsum(log_probs) / y.numel()
 
     def _evaluate(self, scheduled: bool) -> None:
         """Validate, keep the weights if they are the best so far, and commit a checkpoint.

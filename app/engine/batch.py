@@ -34,6 +34,7 @@ from app.engine.handles import (
     failure,
 )
 from app.text import Alternatives, Continuation
+from model_store.cache import TextCache, mix_rows
 from model_store.copies import CopyGuard
 from model_store.network import Hidden, WordRNN, hidden_cat, hidden_select, hidden_to
 from model_store.sampling import (
@@ -68,6 +69,7 @@ class _Row:
     states: list[Hidden] | None  # after each word (a session with stop strings), else None
     text: list[int] = field(default_factory=list)  # ids so far, kept for repetition controls
     generated: int = 0  # how many of them this row drew
+    cache: TextCache | None = None  # the model's text cache over the ids so far
 
 
 @dataclass(frozen=True)
@@ -167,8 +169,18 @@ class Batch:
             return seq, []
         keep = job.keep_state and bool(job.stop)
         history = list(job.history) if job.params.penalizes else []
+        settings = self.model.config.cache
         rows = [
-            _Row(seq, i, Draws(job.random_seed + i), [start] if keep else None, history[:])
+            _Row(
+                seq,
+                i,
+                Draws(job.random_seed + i),
+                [start] if keep else None,
+                history[:],
+                cache=TextCache(settings, len(self.vocab), job.history)
+                if settings.enabled
+                else None,
+            )
             for i in range(job.n)
         ]
         return seq, rows
@@ -179,6 +191,9 @@ class Batch:
         assert self.hidden is not None, "step() on an empty batch"
         rows = self.rows
         logits = raw = next_logits(self.model, self.hidden)  # (B, V)
+        if any(row.cache is not None for row in rows):
+            nexts = [row.cache.next_ids() if row.cache is not None else None for row in rows]
+            logits = raw = mix_rows(raw, nexts)
         if self._opening is not None:
             starting = [pos for pos, row in enumerate(rows) if row.seq.texts[row.index].tokens == 0]
             if starting:  # a sample's first piece opens a word: the seed's last one is whole
@@ -321,6 +336,8 @@ class Batch:
         if accepted and seq.job.params.penalizes:
             row.text.append(word_id)
             row.generated += 1
+        if accepted and row.cache is not None:
+            row.cache.add(word_id)
         if not accepted:
             hidden = before
         elif row.states is not None:

@@ -73,7 +73,7 @@ class GenerationJob:
     keep_state: bool = False
     stream: bool = False
     logprobs: int | None = None  # each word's log-probability and this many alternatives
-    history: Sequence[int] = ()  # the ids before the seed's end, for repetition controls
+    history: Sequence[int] = ()  # the ids up to the seed's end: repetition controls, text cache
     min_words: int = 0  # stop strings count only after this many words
 
 

@@ -306,11 +306,16 @@ class Engine:
         return await self._call(self._prime, seed_ids, hidden)
 
     async def next_words(
-        self, seed_ids: Sequence[int], hidden: Hidden | None, top_k: int
+        self,
+        seed_ids: Sequence[int],
+        hidden: Hidden | None,
+        top_k: int,
+        history: Sequence[int] = (),
     ) -> list[tuple[str, float]]:
         """The ``top_k`` most likely next words and their probabilities, best first (whole
-        words, for a subword model too: `model_store.scoring.next_words`)."""
-        return await self._call(self._next_words, seed_ids, hidden, top_k)
+        words, for a subword model too: `model_store.scoring.next_words`). ``history``: the
+        ids of the text so far, seed included, for the model's text cache."""
+        return await self._call(self._next_words, seed_ids, hidden, top_k, history)
 
     async def score(self, ids: Sequence[int]) -> list[float]:
         """The log-probability of each id given those before it, from the start of a text."""
@@ -459,9 +464,14 @@ class Engine:
         return hidden_to(self._feed(seed_ids, hidden), torch.device("cpu"))
 
     def _next_words(
-        self, seed_ids: Sequence[int], hidden: Hidden | None, top_k: int
+        self,
+        seed_ids: Sequence[int],
+        hidden: Hidden | None,
+        top_k: int,
+        history: Sequence[int],
     ) -> list[tuple[str, float]]:
-        return scoring.next_words(self.model, self.vocab, self._feed(seed_ids, hidden), top_k)
+        state = self._feed(seed_ids, hidden)
+        return scoring.next_words(self.model, self.vocab, state, top_k, history=history)
 
     def _score(self, ids: Sequence[int]) -> list[float]:
         return scoring.token_log_probs(self.model, ids, self.vocab.bos_id).tolist()  # type: ignore[no-any-return]

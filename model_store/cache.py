@@ -1,0 +1,244 @@
+"""The text cache: what the text so far says about its next token, mixed into the network's.
+
+A play names its characters hundreds of times, a diary its people and places, a song repeats
+its chorus; a network trained on other text gives each such word the small probability of a
+rare spelling, every time. The cache counts the n-grams of the text so far (its ids, whatever
+the tokenizer) and predicts the next id with interpolated Witten-Bell estimates over the
+contexts of order 1 to ``order`` (Kuhn and De Mori's cache, on n-grams):
+
+    p_0(w) = c(w) / t                                   (t ids so far)
+    p_k(w) = (c(ctx_k, w) + u_k * p_(k-1)(w)) / (n_k + u_k)
+
+for the last k ids ``ctx_k``, seen ``n_k`` times with ``u_k`` distinct followers, up to the
+longest context seen before. The model's distribution is then
+
+    p(w) = (1 - l) * p_network(w) + l * p_cache(w),    l = weight * n / (n + confidence * u)
+
+with ``n`` and ``u`` of that longest context: the cache speaks up when its context has been
+seen often with few different followers, and not at all before any context repeats. The
+weights were chosen on held-out plays (`bench/quality.py`; the README has the figures).
+
+The cache is part of the model: `model_store.scoring` (``/score``, ``training.evaluate``,
+the trainer's validation), the batched engine, sessions and training previews all mix it in
+the same way, so a probability reported anywhere is the one the sampler draws from.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """``order`` 0 turns the cache off (the lab's model, and every model trained before it)."""
+
+    order: int = 0
+    weight: float = 0.9
+    confidence: float = 4.0
+
+    def problems(self) -> list[str]:
+        out = []
+        if type(self.order) is not int or not 0 <= self.order <= 8:
+            out.append(f"cache_order must be an integer in [0, 8] (got {self.order!r})")
+        if type(self.weight) not in (int, float) or not 0 <= self.weight < 1:
+            out.append(f"cache_weight must be in [0, 1) (got {self.weight!r})")
+        confidence = self.confidence
+        if type(confidence) not in (int, float) or not (
+            math.isfinite(confidence) and confidence > 0
+        ):
+            out.append(f"cache_confidence must be a positive number (got {confidence!r})")
+        return out
+
+    @property
+    def enabled(self) -> bool:
+        return self.order > 0 and self.weight > 0
+
+
+class TextCache:
+    """The n-gram counts of one text, updated an id at a time (`add`, and `pop` to take the
+    last one back, for searches that try continuations)."""
+
+    def __init__(
+        self, settings: CacheSettings, vocab_size: int | None = None, ids: Iterable[int] = ()
+    ) -> None:
+        """``vocab_size`` is needed for `distribution` only (the sampler's dense rows)."""
+        self.settings = settings
+        self.ids: list[int] = []
+        # context (the ids before, oldest first; () for order 0) -> followers and their counts
+        self._followers: dict[tuple[int, ...], Counter[int]] = {}
+        self._totals: Counter[tuple[int, ...]] = Counter()
+        # c(w) as a dense row, kept up to date for the sampler, which adds it to a batch row
+        self._unigram = torch.zeros(vocab_size) if vocab_size is not None else None
+        self._next: list[tuple[int, ...]] = [()]  # the contexts the next id follows
+        for i in ids:
+            self.add(i)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _contexts(self) -> list[tuple[int, ...]]:
+        """The contexts that the next id follows: (), then the last 1, 2, ... ``order`` ids."""
+        n = len(self.ids)
+        return [
+            tuple(self.ids[n - k :]) if k else () for k in range(min(self.settings.order, n) + 1)
+        ]
+
+    def add(self, token: int) -> None:
+        for ctx in self._next:
+            followers = self._followers.get(ctx)
+            if followers is None:
+                followers = self._followers[ctx] = Counter()
+            followers[token] += 1
+            self._totals[ctx] += 1
+        if self._unigram is not None:
+            self._unigram[token] += 1
+        self.ids.append(token)
+        self._next = self._contexts()
+
+    def pop(self) -> None:
+        token = self.ids.pop()
+        if self._unigram is not None:
+            self._unigram[token] -= 1
+        self._next = self._contexts()
+        for ctx in self._next:
+            followers = self._followers[ctx]
+            followers[token] -= 1
+            if not followers[token]:
+                del followers[token]
+            self._totals[ctx] -= 1
+            if not self._totals[ctx]:
+                del self._totals[ctx], self._followers[ctx]
+
+    def _levels(self) -> list[tuple[int, Counter[int]]]:
+        """(count, followers) of each context the next id follows, order 0 first, up to the
+        longest context seen before."""
+        levels = [(len(self.ids), self._followers[()])]
+        for ctx in self._next[1:]:
+            total = self._totals.get(ctx, 0)
+            if not total:
+                break
+            levels.append((total, self._followers[ctx]))
+        return levels
+
+    def _weight(self, levels: list[tuple[int, Counter[int]]]) -> float:
+        """l: from the longest context's count and its number of distinct followers."""
+        if len(levels) == 1:
+            return 0.0
+        seen, types = levels[-1][0], len(levels[-1][1])
+        return self.settings.weight * seen / (seen + self.settings.confidence * types)
+
+    def terms(self) -> tuple[float, list[tuple[float, Counter[int]]]]:
+        """``(l, [(a_k, followers_k), ...])`` with p_cache(w) = sum of a_k * followers_k[w]
+        (order 0 first): the mixing weight and the cache's distribution of the next id."""
+        if not self.ids:
+            return 0.0, []
+        (n, unigram), *higher = self._levels()
+        terms: list[tuple[float, Counter[int]]] = [(1.0 / n, unigram)]
+        for total, followers in higher:
+            types = len(followers)
+            terms = [(a * types / (total + types), c) for a, c in terms]
+            terms.append((1.0 / (total + types), followers))
+        return self._weight([(n, unigram), *higher]), terms
+
+    def prob(self, token: int) -> tuple[float, float]:
+        """``(l, p_cache(token))`` for the next id: `terms` for one id, without the list
+        (scoring asks it for every id of a text)."""
+        if not self.ids:
+            return 0.0, 0.0
+        levels = self._levels()
+        p = levels[0][1].get(token, 0) / levels[0][0]
+        for total, followers in levels[1:]:
+            types = len(followers)
+            p = (followers.get(token, 0) + types * p) / (total + types)
+        return self._weight(levels), p
+
+    def next_ids(self, copy: bool = False) -> NextIds:
+        """The cache's say on the next id, for `mix_rows`; ``copy`` when this cache will change
+        before it is used (a search's trial ids)."""
+        assert self._unigram is not None, "a TextCache made without vocab_size"
+        weight, terms = self.terms()
+        if weight == 0.0:
+            return NextIds(0.0, self._unigram, 0.0, [], [])
+        ids: list[int] = []
+        values: list[float] = []
+        for a, followers in terms[1:]:
+            ids += followers.keys()
+            values += [a * count for count in followers.values()]
+        unigram = self._unigram.clone() if copy else self._unigram
+        return NextIds(weight, unigram, terms[0][0], ids, values)
+
+
+@dataclass(frozen=True)
+class NextIds:
+    """A cache's distribution of the next id, ``scale * unigram`` plus ``values`` at ``ids``
+    (the higher orders' counts, already weighted), and its share ``weight`` of the mixture."""
+
+    weight: float
+    unigram: Tensor  # (V,) counts of the ids so far
+    scale: float
+    ids: list[int]
+    values: list[float]
+
+
+def stack(nexts: Sequence[NextIds]) -> tuple[Tensor, Tensor]:
+    """(N, 1) weights and (N, V) distributions of ``nexts``: a few tensor operations for all
+    rows of a batch, whatever their number."""
+    weights = torch.tensor([n.weight for n in nexts]).unsqueeze(1)
+    scales = torch.tensor([n.scale for n in nexts]).unsqueeze(1)
+    dense = torch.stack([n.unigram for n in nexts]) * scales
+    rows = [row for row, n in enumerate(nexts) for _ in n.ids]
+    if rows:
+        at = (torch.tensor(rows), torch.tensor([i for n in nexts for i in n.ids]))
+        values = torch.tensor([v for n in nexts for v in n.values], dtype=dense.dtype)
+        dense.index_put_(at, values, accumulate=True)
+    return weights, dense
+
+
+def mix(log_prob: float, weight: float, cached: float) -> float:
+    """log((1 - weight) * p + weight * cached) for p = exp(``log_prob``), without underflow."""
+    if weight == 0.0:
+        return log_prob
+    own = log_prob + math.log1p(-weight)
+    if cached == 0.0:
+        return own
+    other = math.log(weight * cached)
+    high, low = max(own, other), min(own, other)
+    return high + math.log1p(math.exp(low - high))
+
+
+def mix_rows(scores: Tensor, nexts: Sequence[NextIds | None]) -> Tensor:
+    """(B, V) next-id ``scores`` (logits or log-probabilities) with each row's cache mixed in
+    (``nexts[i]``, or None for a row without one): log-probabilities for the rows whose cache
+    has a say, the rows as they were otherwise."""
+    rows = [row for row, n in enumerate(nexts) if n is not None and n.weight > 0.0]
+    if not rows:
+        return scores
+    weights, dense = stack([n for n in nexts if n is not None and n.weight > 0.0])
+    device = scores.device
+    index = torch.tensor(rows, device=device)
+    own = torch.log_softmax(scores[index].float(), dim=-1)
+    lam = weights.to(device)
+    mixed = torch.logaddexp(own + torch.log1p(-lam), torch.log(dense.to(device) * lam))
+    return scores.float().index_copy(0, index, mixed)
+
+
+def mixed_log_probs(
+    settings: CacheSettings, ids: Sequence[int], own: Sequence[float]
+) -> list[float]:
+    """Each id's log-probability under the model with its cache, given ``own``, the network's
+    log-probability of each id of the text ``ids`` (the cache starts empty at the text's
+    start)."""
+    if not settings.enabled:
+        return list(own)
+    cache = TextCache(settings)
+    out = []
+    for token, log_prob in zip(ids, own, strict=True):
+        out.append(mix(log_prob, *cache.prob(token)))
+        cache.add(token)
+    return out

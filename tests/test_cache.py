@@ -1,0 +1,201 @@
+"""The text cache: its counts against a brute force, and one distribution on every path.
+
+A probability the server reports (``/score``, a generated word's ``logprobs``,
+``/next-words``, ``training.evaluate``, the trainer's validation) must be the one the sampler
+draws from: each is checked here against the network's own probabilities mixed by hand.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from app.engine import GenerationJob, generate_alone
+from model_store import checkpoint
+from model_store.cache import CacheSettings, TextCache, mix, mixed_log_probs, stack
+from model_store.network import ModelConfig, WordRNN, top_features
+from model_store.sampling import SamplingParams, start_state
+from model_store.scoring import next_words, token_log_probs
+from tests.conftest import TINY_TEXT, build_run
+from tests.test_trainer import make_trainer
+from training.data import eval_rows
+
+
+def brute(s: CacheSettings, history: list[int], token: int) -> tuple[float, float]:
+    """(weight, p_cache(token)) from the formulas in model_store.cache, counted afresh."""
+    n = len(history)
+    if n == 0:
+        return 0.0, 0.0
+    p = history.count(token) / n
+    seen, types = 0, 1
+    for k in range(1, min(s.order, n) + 1):
+        ctx = history[n - k :]
+        followers = [history[i + k] for i in range(n - k) if history[i : i + k] == ctx]
+        if not followers:
+            break
+        seen, types = len(followers), len(set(followers))
+        p = (followers.count(token) + types * p) / (seen + types)
+    return s.weight * seen / (seen + s.confidence * types), p
+
+
+cache_settings = st.builds(
+    CacheSettings,
+    order=st.integers(1, 4),
+    weight=st.sampled_from([0.3, 0.9]),
+    confidence=st.sampled_from([0.5, 4.0]),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    s=cache_settings,
+    history=st.lists(st.integers(0, 4), max_size=40),
+    extra=st.lists(st.integers(0, 4), max_size=4),
+)
+def test_the_cache_counts_as_the_formulas_say(
+    s: CacheSettings, history: list[int], extra: list[int]
+) -> None:
+    cache = TextCache(s, 6, history)
+    weights, stacked = stack([cache.next_ids()])
+    weight, dense = float(weights[0, 0]), stacked[0]
+    for token in range(6):
+        want_weight, want = brute(s, history, token)
+        got_weight, got = cache.prob(token)
+        assert got_weight == pytest.approx(want_weight)
+        assert got == pytest.approx(want)
+        if weight:
+            assert float(dense[token]) == pytest.approx(want, abs=1e-6)
+    if weight:
+        assert float(dense.sum()) == pytest.approx(1.0, abs=1e-5)
+    for token in extra:  # what a search tries, then takes back
+        cache.add(token)
+    for _ in extra:
+        cache.pop()
+    assert [cache.prob(t) for t in range(6)] == [TextCache(s, 6, history).prob(t) for t in range(6)]
+
+
+def test_mix_is_the_mixture_in_log_space() -> None:
+    assert mix(math.log(0.2), 0.5, 0.6) == pytest.approx(math.log(0.5 * 0.2 + 0.5 * 0.6))
+    assert mix(math.log(0.2), 0.0, 0.6) == math.log(0.2)
+    assert mix(-2000.0, 0.5, 0.6) == pytest.approx(math.log(0.3))  # no underflow to -inf
+    assert mix(-2000.0, 0.5, 0.0) == pytest.approx(-2000.0 + math.log(0.5))
+
+
+@settings(max_examples=50, deadline=None)
+@given(s=cache_settings, ids=st.lists(st.integers(0, 3), min_size=1, max_size=30))
+def test_mixed_log_probs_read_the_text_in_order(s: CacheSettings, ids: list[int]) -> None:
+    own = [math.log(0.1 + 0.05 * i) for i in ids]
+    got = mixed_log_probs(s, ids, own)
+    for t, token in enumerate(ids):
+        weight, cached = brute(s, ids[:t], token)
+        assert got[t] == pytest.approx(math.log((1 - weight) * math.exp(own[t]) + weight * cached))
+
+
+# -- one distribution on every path ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory: pytest.TempPathFactory) -> checkpoint.Checkpoint:
+    run_dir = tmp_path_factory.mktemp("cached") / "run"
+    build_run(run_dir, cell="lstm", seed=7, cache_order=3, cache_confidence=0.5)
+    return checkpoint.load(run_dir, "cpu")
+
+
+def network_alone(model: WordRNN) -> WordRNN:
+    """The same weights without the cache."""
+    bare = WordRNN(replace(model.config, cache_order=0))
+    bare.load_state_dict(model.state_dict())
+    return bare.eval()
+
+
+def test_scores_are_the_networks_mixed_with_the_cache(cached: checkpoint.Checkpoint) -> None:
+    vocab = cached.vocab
+    ids = vocab.encode_lenient(vocab.split_words(TINY_TEXT))[0][:80]
+    own = token_log_probs(network_alone(cached.model), ids, vocab.bos_id).tolist()
+    got = token_log_probs(cached.model, ids, vocab.bos_id).tolist()
+    want = mixed_log_probs(cached.model.config.cache, ids, own)
+    assert got == pytest.approx(want, abs=1e-5)
+    # The text repeats itself: the cache has its say, and it helps.
+    assert sum(got) > sum(own) + 20
+
+
+def test_generated_words_carry_the_probabilities_score_gives(
+    cached: checkpoint.Checkpoint,
+) -> None:
+    vocab = cached.vocab
+    seed = vocab.encode_lenient(["I", "can", "see", "the", "sea", ".", "I", "can"])[0]
+    job = GenerationJob(
+        seed_ids=seed,
+        context=[vocab.tokens[i] for i in seed],
+        params=SamplingParams(top_k=3),
+        history=seed,
+        random_seed=11,
+        max_words=30,
+        logprobs=0,
+    )
+    with torch.inference_mode():
+        (sample,) = generate_alone(cached.model, vocab, job, vocab.special_ids).samples
+    generated = [vocab.id_of(w) for w in sample.words]
+    scored = token_log_probs(cached.model, [*seed, *generated], vocab.bos_id).tolist()
+    assert sample.log_probs == pytest.approx(scored[len(seed) :], abs=1e-4)
+
+
+def test_next_words_are_the_mixed_distributions_best(cached: checkpoint.Checkpoint) -> None:
+    vocab, model = cached.vocab, cached.model
+    seed = vocab.encode_lenient(["the", "wind", "can", "hear", "the", "wind", ",", "and", "the"])[0]
+    with torch.inference_mode():
+        hidden = start_state(model, seed, vocab.bos_id)
+        ranked = next_words(model, vocab, hidden, 5, history=seed)
+        own = model.log_probs(top_features(hidden))[0].tolist()
+    cache = TextCache(model.config.cache, len(vocab), seed)
+    for word, p in ranked:
+        token = vocab.id_of(word)
+        assert p == pytest.approx(math.exp(mix(own[token], *cache.prob(token))), rel=1e-4)
+    assert cache.prob(vocab.id_of("wind"))[0] > 0  # the cache had a say
+
+
+def test_the_trainer_validates_with_the_cache(tmp_path: Path) -> None:
+    trainer = make_trainer(tmp_path / "run", cache_order=2, batch_size=3)
+    model = trainer.model.eval()
+    x, y = eval_rows(trainer.dataset.valid_ids, trainer.config.batch_size)
+    with torch.inference_mode():
+        features, _ = model.features(x)  # each row read whole: the windows carry the state
+        own = model.target_log_probs(features.reshape(-1, features.shape[-1]), y.reshape(-1))
+    want = mixed_log_probs(model.config.cache, y.flatten().tolist(), own.tolist())
+    got = trainer.validation_loss()
+    assert got == pytest.approx(-math.fsum(want) / y.numel(), rel=1e-5)
+    assert got < -float(own.mean()) - 0.1  # a text that repeats: the cache helps
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--cache-order", "9"], "--cache-order must be an integer in [0, 8]"),
+        (["--cache-weight", "1"], "--cache-weight must be in [0, 1)"),
+        (["--cache-confidence", "0"], "--cache-confidence must be a positive number"),
+    ],
+)
+def test_bad_cache_settings_are_named(
+    tiny_corpus: Path, tmp_path: Path, flags: list[str], message: str
+) -> None:
+    command = [
+        sys.executable, "-m", "training", "--corpus", str(tiny_corpus),
+        "--out", str(tmp_path / "run"), *flags,
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_a_config_with_a_bad_cache_is_refused() -> None:
+    with pytest.raises(ValueError, match="cache_weight"):
+        ModelConfig.from_json({"vocab_size": 10, "cache_order": 2, "cache_weight": "x"})
