@@ -393,7 +393,8 @@ def generate(
     """One row, one word at a time: the lab's ``predict``. Returns the new ids and the state.
 
     With ``hidden`` given (a session), generation continues from it after feeding ``seed_ids``.
-    The model's text cache, if it has one, starts from ``seed_ids``.
+    The model's text cache, if it has one, counts ``seed_ids``; the words written move its
+    context on without being counted (`model_store.cache`).
     ``first_banned_ids`` are also banned from the first word (a subword model's continuation
     pieces: the seed's last word is whole). ``should_stop`` is asked before each word; once it
     says yes, the words so far are returned (a training preview must not outlive a Ctrl-C, a
@@ -414,6 +415,6 @@ def generate(
         (word,) = sample(logits, [params], [generator], banned)
         out.append(word)
         if cache is not None:
-            cache.add(word)
+            cache.follow(word)
         hidden = advance(model, hidden, [word])
     return out, hidden

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from model_store.cache import NextIds, TextCache, mix_rows, mixed_log_probs
+from model_store.cache import TextCache, mix_rows, mixed_log_probs
 from model_store.network import Hidden, WordRNN, hidden_select, top_features
 from model_store.sampling import advance
 from model_store.subword import NEWLINE
@@ -97,7 +97,7 @@ def next_words(
         state = advance(model, state, [b[0][-1] for b in beams])
         step = model.log_probs(top_features(state))  # (B, V)
         if cache is not None:
-            step = mix_rows(step, [_extended(cache, pieces) for pieces, _ in beams])
+            step = mix_rows(step, [cache.next_ids(after=pieces) for pieces, _ in beams])
         step = step.index_fill(1, banned, -math.inf)
         ends = step.masked_fill(~starts, -math.inf).logsumexp(1).tolist()
         for (pieces, score), end in zip(beams, ends, strict=True):
@@ -118,14 +118,3 @@ def next_words(
         beams = [([*beams[row][0], piece], s) for row, piece, s in kept]
     ranked = sorted(found.items(), key=lambda item: item[1], reverse=True)
     return [(w, p) for w, p in ranked if w][:top_k]
-
-
-def _extended(cache: TextCache, pieces: Sequence[int]) -> NextIds:
-    """The cache's say on the next id after ``pieces`` more ids (the cache left unchanged)."""
-    for piece in pieces:
-        cache.add(piece)
-    try:
-        return cache.next_ids(copy=True)
-    finally:
-        for _ in pieces:
-            cache.pop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,15 +30,19 @@ from tests.test_trainer import make_trainer
 from training.data import eval_rows
 
 
-def brute(s: CacheSettings, history: list[int], token: int) -> tuple[float, float]:
-    """(weight, p_cache(token)) from the formulas in model_store.cache, counted afresh."""
+def brute(
+    s: CacheSettings, history: list[int], token: int, after: Sequence[int] = ()
+) -> tuple[float, float]:
+    """(weight, p_cache(token)) from the formulas in model_store.cache, counted afresh over
+    ``history``, for the context that ``history`` and then ``after`` end with."""
     n = len(history)
     if n == 0:
         return 0.0, 0.0
     p = history.count(token) / n
     seen, types = 0, 1
-    for k in range(1, min(s.order, n) + 1):
-        ctx = history[n - k :]
+    recent = [*history, *after]
+    for k in range(1, min(s.order, len(recent)) + 1):
+        ctx = recent[len(recent) - k :]
         followers = [history[i + k] for i in range(n - k) if history[i : i + k] == ctx]
         if not followers:
             break
@@ -58,28 +63,26 @@ cache_settings = st.builds(
 @given(
     s=cache_settings,
     history=st.lists(st.integers(0, 4), max_size=40),
-    extra=st.lists(st.integers(0, 4), max_size=4),
+    written=st.lists(st.integers(0, 4), max_size=4),
 )
 def test_the_cache_counts_as_the_formulas_say(
-    s: CacheSettings, history: list[int], extra: list[int]
+    s: CacheSettings, history: list[int], written: list[int]
 ) -> None:
     cache = TextCache(s, 6, history)
-    weights, stacked = stack([cache.next_ids()])
-    weight, dense = float(weights[0, 0]), stacked[0]
-    for token in range(6):
-        want_weight, want = brute(s, history, token)
-        got_weight, got = cache.prob(token)
-        assert got_weight == pytest.approx(want_weight)
-        assert got == pytest.approx(want)
+    trial = [cache.next_ids(after=written)]  # what a search tries
+    for token in written:  # what a sample writes: followed, not counted
+        cache.follow(token)
+    for nexts in ([cache.next_ids()], trial):
+        weights, stacked = stack(nexts)
+        weight, dense = float(weights[0, 0]), stacked[0]
+        for token in range(6):
+            want_weight, want = brute(s, history, token, written)
+            assert weight == pytest.approx(want_weight)
+            assert cache.prob(token) == pytest.approx((want_weight, want))
+            if weight:
+                assert float(dense[token]) == pytest.approx(want, abs=1e-6)
         if weight:
-            assert float(dense[token]) == pytest.approx(want, abs=1e-6)
-    if weight:
-        assert float(dense.sum()) == pytest.approx(1.0, abs=1e-5)
-    for token in extra:  # what a search tries, then takes back
-        cache.add(token)
-    for _ in extra:
-        cache.pop()
-    assert [cache.prob(t) for t in range(6)] == [TextCache(s, 6, history).prob(t) for t in range(6)]
+            assert float(dense.sum()) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_mix_is_the_mixture_in_log_space() -> None:
@@ -127,7 +130,7 @@ def test_scores_are_the_networks_mixed_with_the_cache(cached: checkpoint.Checkpo
     assert sum(got) > sum(own) + 20
 
 
-def test_generated_words_carry_the_probabilities_score_gives(
+def test_generated_words_carry_the_probabilities_they_were_drawn_with(
     cached: checkpoint.Checkpoint,
 ) -> None:
     vocab = cached.vocab
@@ -144,8 +147,20 @@ def test_generated_words_carry_the_probabilities_score_gives(
     with torch.inference_mode():
         (sample,) = generate_alone(cached.model, vocab, job, vocab.special_ids).samples
     generated = [vocab.id_of(w) for w in sample.words]
-    scored = token_log_probs(cached.model, [*seed, *generated], vocab.bos_id).tolist()
-    assert sample.log_probs == pytest.approx(scored[len(seed) :], abs=1e-4)
+    text = [*seed, *generated]
+    own = token_log_probs(network_alone(cached.model), text, vocab.bos_id).tolist()
+    cache = TextCache(cached.model.config.cache, None, seed)  # the prompt, counted
+    want = []
+    for t, token in enumerate(generated):
+        want.append(mix(own[len(seed) + t], *cache.prob(token)))
+        cache.follow(token)  # the sample's own words are not
+    assert sample.log_probs == pytest.approx(want, abs=1e-4)
+    assert want != pytest.approx(own[len(seed) :], abs=1e-3)  # the cache had its say
+    # /score reads the prompt as generation started from it.
+    scored = token_log_probs(cached.model, seed, vocab.bos_id).tolist()
+    assert token_log_probs(cached.model, text, vocab.bos_id).tolist()[: len(seed)] == (
+        pytest.approx(scored)
+    )
 
 
 def test_next_words_are_the_mixed_distributions_best(cached: checkpoint.Checkpoint) -> None:

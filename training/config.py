@@ -204,8 +204,9 @@ PRESET_HELP = {
     "lab": "the lab exactly: whitespace tokens, tanh RNN 64/64, uniform top-5 previews",
     "lstm": "LSTM 256, dropout, adaptive softmax on words: the best held-out score when a "
     "prompt's words are all in the training text (rarer words become <unk>)",
-    "subword": "the lstm preset on subword pieces: any text encodes, no word is ever <unk>, "
-    "text round-trips; pick it to serve prompts with new words and names (make serve does)",
+    "subword": "the lstm preset on subword pieces, with the text cache: any text encodes, no "
+    "word is ever <unk>, text round-trips, names repeated in a text cost little; pick it to "
+    "serve prompts with new words and names (make serve does)",
 }
 
 

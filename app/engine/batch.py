@@ -69,7 +69,7 @@ class _Row:
     states: list[Hidden] | None  # after each word (a session with stop strings), else None
     text: list[int] = field(default_factory=list)  # ids so far, kept for repetition controls
     generated: int = 0  # how many of them this row drew
-    cache: TextCache | None = None  # the model's text cache over the ids so far
+    cache: TextCache | None = None  # the model's text cache: the history counted
 
 
 @dataclass(frozen=True)
@@ -337,7 +337,7 @@ class Batch:
             row.text.append(word_id)
             row.generated += 1
         if accepted and row.cache is not None:
-            row.cache.add(word_id)
+            row.cache.follow(word_id)
         if not accepted:
             hidden = before
         elif row.states is not None:
