@@ -160,9 +160,12 @@ class TextCache:
         """The cache's say on the next id (after ``after`` more ids, followed), for
         `mix_rows`."""
         assert self._unigram is not None, "a TextCache made without vocab_size"
+        silent = NextIds(0.0, self._unigram, 0.0, [], [])
+        if not after and (len(self._next) < 2 or not self._totals.get(self._next[1])):
+            return silent  # the last id never came before: asked of every row at every step
         weight, terms = self.terms(after)
         if weight == 0.0:
-            return NextIds(0.0, self._unigram, 0.0, [], [])
+            return silent
         ids: list[int] = []
         values: list[float] = []
         for a, followers in terms[1:]:
