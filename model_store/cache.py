@@ -81,7 +81,7 @@ class TextCache:
         # c(w) as a dense row, kept up to date for the sampler, which adds it to a batch row
         self._unigram = torch.zeros(vocab_size) if vocab_size is not None else None
         self._recent: tuple[int, ...] = ()  # the last ``order`` ids
-        self._next: list[tuple[int, ...]] = [()]  # the contexts the next id follows
+        self._next: list[tuple[int, ...]] | None = [()]  # see _current
         for i in ids:
             self.add(i)
 
@@ -90,9 +90,15 @@ class TextCache:
         n = len(recent)
         return [recent[n - k :] if k else () for k in range(n + 1)]
 
+    def _current(self) -> list[tuple[int, ...]]:
+        """The contexts the next id follows, worked out once per id (and only when asked)."""
+        if self._next is None:
+            self._next = self._contexts(self._recent)
+        return self._next
+
     def add(self, token: int) -> None:
         """Count ``token`` after the current context, then move the context on."""
-        for ctx in self._next:
+        for ctx in self._current():
             followers = self._followers.get(ctx)
             if followers is None:
                 followers = self._followers[ctx] = Counter()
@@ -107,13 +113,15 @@ class TextCache:
         """Move the context on without counting ``token``."""
         order = self.settings.order
         self._recent = (*self._recent, token)[-order:] if order else ()
-        self._next = self._contexts(self._recent)
+        self._next = None
 
     def _levels(self, after: Sequence[int] = ()) -> list[tuple[int, Counter[int]]]:
         """(count, followers) of each context the next id follows (after ``after`` more ids,
         followed), order 0 first, up to the longest context seen before."""
         contexts = (
-            self._contexts((*self._recent, *after)[-self.settings.order :]) if after else self._next
+            self._contexts((*self._recent, *after)[-self.settings.order :])
+            if after
+            else self._current()
         )
         levels = [(self.counted, self._followers[()])]
         for ctx in contexts[1:]:
@@ -156,16 +164,15 @@ class TextCache:
             p = (followers.get(token, 0) + types * p) / (total + types)
         return self._weight(levels), p
 
-    def next_ids(self, after: Sequence[int] = ()) -> NextIds:
+    def next_ids(self, after: Sequence[int] = ()) -> NextIds | None:
         """The cache's say on the next id (after ``after`` more ids, followed), for
-        `mix_rows`."""
+        `mix_rows`; None when it has none."""
         assert self._unigram is not None, "a TextCache made without vocab_size"
-        silent = NextIds(0.0, self._unigram, 0.0, [], [])
-        if not after and (len(self._next) < 2 or not self._totals.get(self._next[1])):
-            return silent  # the last id never came before: asked of every row at every step
+        if not after and not self._totals.get(self._recent[-1:]):
+            return None  # the last id never came before: asked of every row at every step
         weight, terms = self.terms(after)
         if weight == 0.0:
-            return silent
+            return None
         ids: list[int] = []
         values: list[float] = []
         for a, followers in terms[1:]:
