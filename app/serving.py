@@ -231,7 +231,8 @@ class TextService:
             seed_ids=seed.ids,
             context=context,
             params=params,
-            # What the repetition controls see before the new words: the session's and the seed's.
+            # The text before the new words (the session's and the seed's), for the repetition
+            # controls and the model's text cache.
             history=(
                 self._history(history, seed.ids)
                 if params.penalizes or self.engine.checkpoint.config.cache.enabled

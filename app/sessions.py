@@ -1,8 +1,8 @@
 """Sessions: a text's hidden state kept between requests, behind a small storage interface.
 
 An RNN's whole context is its hidden state (a few kilobytes), so a session is that state, on
-the CPU, plus the words it has seen (to show them and to lay out new text after them). Ids
-come from `secrets` and cannot be guessed.
+the CPU, plus the words it has seen (to show them, to lay out new text after them, and for the
+repetition controls and a model's text cache). Ids come from `secrets` and cannot be guessed.
 
 `SessionStore` is the interface the routes use; `MemorySessionStore` keeps sessions in this
 process with a time-to-live from the last use and a maximum count, evicting the least recently
