@@ -547,11 +547,14 @@ class ResumeState:
     rng: Tensor  # torch's RNG state, one row per process
     cuda_rng: Tensor | None  # likewise on CUDA
     hidden: Hidden | None  # carried mid-epoch, every process's rows: (layers, batch_size, H)
+    average: dict[str, Tensor] | None = None  # the weights' moving average, when kept
 
 
 def pack_resume(state: ResumeState) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """``state`` as ``commit(resume=...)`` takes it: named tensors and a JSON-able dict."""
     tensors = {f"model.{k}": v for k, v in state.weights.items()}
+    if state.average is not None:
+        tensors.update({f"average.{k}": v for k, v in state.average.items()})
     for pid, values in state.optimizer["state"].items():
         for name, value in values.items():
             tensors[f"optim.{pid}.{name}"] = torch.as_tensor(value).detach().cpu()
@@ -575,13 +578,18 @@ def unpack_resume(tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> Res
         if key.startswith("optim."):
             _, pid, name = key.split(".", 2)
             optim_state.setdefault(int(pid), {})[name] = tensor
-    hidden = {k.removeprefix("hidden."): v for k, v in tensors.items() if k.startswith("hidden.")}
+
+    def part(prefix: str) -> dict[str, Tensor]:
+        return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+
+    hidden, average = part("hidden."), part("average.")
     return ResumeState(
-        weights={k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")},
+        weights=part("model."),
         optimizer={"state": optim_state, "param_groups": meta["optimizer"]},
         scheduler=meta["scheduler"],
         progress=meta["progress"],
         rng=tensors["rng.torch"],
         cuda_rng=tensors.get("rng.cuda"),
         hidden=hidden_from_tensors(hidden) if hidden else None,
+        average=average or None,
     )

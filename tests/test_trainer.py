@@ -64,7 +64,7 @@ def resume_trainer(run_dir: Path, **overrides: object) -> Trainer:
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     tensors, _ = checkpoint.load_resume(run_dir)
-    return {k: v for k, v in tensors.items() if k.startswith(("model.", "optim."))}
+    return {k: v for k, v in tensors.items() if k.startswith(("model.", "optim.", "average."))}
 
 
 def test_learns_a_regular_text_to_perplexity_near_one(tmp_path: Path) -> None:
@@ -89,7 +89,13 @@ def test_same_seed_gives_identical_weights(tmp_path: Path) -> None:
 def test_resume_after_an_epoch_equals_an_uninterrupted_run(
     tmp_path: Path, cell: str, tokenizer: str
 ) -> None:
-    options = {"cell": cell, "tokenizer": tokenizer, "dropout": 0.3, "lr_plateau_factor": 0.5}
+    options = {
+        "cell": cell,
+        "tokenizer": tokenizer,
+        "dropout": 0.3,
+        "lr_plateau_factor": 0.5,
+        "average_decay": 0.9,
+    }
     full = make_trainer(tmp_path / "full", epochs=3, **options).run()
     make_trainer(tmp_path / "part", epochs=1, **options).run()
     resumed = resume_trainer(tmp_path / "part", epochs=3).run()
@@ -123,9 +129,11 @@ class StopAt:
         pass
 
 
-def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path: Path) -> None:
-    full = make_trainer(tmp_path / "full", epochs=2, dropout=0.3, cell="gru").run()
-    part = make_trainer(tmp_path / "part", epochs=2, dropout=0.3, cell="gru")
+@pytest.mark.parametrize("average_decay", [0.0, 0.9])
+def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path: Path, average_decay: float) -> None:
+    options = {"epochs": 2, "dropout": 0.3, "cell": "gru", "average_decay": average_decay}
+    full = make_trainer(tmp_path / "full", **options).run()
+    part = make_trainer(tmp_path / "part", **options)
     stopper = StopAt(words=4 * 8 * 7)  # 7 windows into the first epoch
     stopper.trainer = part
     part.reporter = stopper
@@ -135,6 +143,8 @@ def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     resumed = resume_trainer(tmp_path / "part").run()
     assert resumed.iterations == full.iterations
     a, b = weights(tmp_path / "full"), weights(tmp_path / "part")
+    assert a.keys() == b.keys()
+    assert any(k.startswith("average.") for k in a) == bool(average_decay)
     assert all(torch.equal(a[k], b[k]) for k in a)
     metrics = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
     iterations = [json.loads(line).get("iteration", 0) for line in metrics]
@@ -324,3 +334,18 @@ def test_run_folder_has_metrics_and_plot(tmp_path: Path) -> None:
     manifest = checkpoint.read_manifest(run)
     for key in ("best_valid_perplexity", "epochs", "versions", "created"):
         assert key in manifest
+
+
+def test_the_weights_saved_and_validated_are_the_moving_average(tmp_path: Path) -> None:
+    # One epoch: one evaluation, at its end, whose weights are saved (the first is the best).
+    trainer = make_trainer(tmp_path / "run", epochs=1, average_decay=0.9, valid_fraction=0.2)
+    trainer.run()
+    assert trainer.average is not None
+    averaged, raw = trainer.average.module.state_dict(), trainer.model.state_dict()
+    assert any(not torch.equal(averaged[k], raw[k]) for k in raw)
+    saved = checkpoint.load(tmp_path / "run").model.state_dict()
+    assert all(torch.equal(saved[k], averaged[k]) for k in saved)
+    # Validation reads the averaged weights, not the raw ones.
+    loss = trainer.validation_loss()
+    trainer.average.module.load_state_dict(raw)
+    assert trainer.validation_loss() != pytest.approx(loss, abs=1e-6)

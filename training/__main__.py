@@ -187,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--weight-decay", type=float, help=f"L2 / decoupled decay (default: {d.weight_decay})"
     )
     opt.add_argument(
+        "--average-decay",
+        type=float,
+        help="keep an exponential moving average of the weights with this decay per step "
+        "(0.999: about the last 1,000 steps); validation and the saved model use it; 0 turns "
+        f"it off (default: {d.average_decay})",
+    )
+    opt.add_argument(
         "--lr-plateau-factor",
         type=float,
         help="multiply the LR by this when validation does not improve; 1 turns it "

@@ -57,6 +57,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     # Schedule and stopping (off in the lab)
     lr_plateau_factor: float = 1.0
+    average_decay: float = 0.0  # an exponential moving average of the weights; 0: none
     patience: int = 0
     eval_every: int = 0
     max_minutes: float | None = None
@@ -105,6 +106,8 @@ class TrainConfig:
             problems.append("--clip must be a positive finite number")
         if not 0 <= self.valid_fraction < 0.9:
             problems.append("--valid-fraction must be in [0, 0.9)")
+        if not 0 <= self.average_decay < 1:
+            problems.append("--average-decay must be in [0, 1) (0 turns it off)")
         if not 0 < self.lr_plateau_factor <= 1:
             problems.append("--lr-plateau-factor must be in (0, 1] (1 turns it off)")
         if self.max_minutes is not None and not (
@@ -197,6 +200,7 @@ PRESETS["subword"] = {
     "subword_vocab": 4000,
     "min_count": 1,
     "cache_order": 3,
+    "average_decay": 0.999,
 }
 
 PRESET_HELP = {
