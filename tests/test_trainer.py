@@ -349,3 +349,12 @@ def test_the_weights_saved_and_validated_are_the_moving_average(tmp_path: Path) 
     loss = trainer.validation_loss()
     trainer.average.module.load_state_dict(raw)
     assert trainer.validation_loss() != pytest.approx(loss, abs=1e-6)
+
+
+def test_the_average_covers_the_recent_steps() -> None:
+    update = trainer_module._recent_average(0.999)
+    value = [torch.ones(3)]
+    for steps, keep in ((4, 0.5), (396, 0.99), (10**6, 0.999)):  # n / (n + 4), capped
+        mean = [torch.zeros(3)]
+        update(mean, value, torch.tensor(steps))
+        assert mean[0].tolist() == pytest.approx([1 - keep] * 3)

@@ -27,7 +27,7 @@ from typing import Any, Protocol, cast
 
 import torch
 from torch import Tensor
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from model_store import checkpoint, sampling
 from model_store.cache import mixed_log_probs
@@ -177,6 +177,20 @@ class _StopFlag:
                 signal.signal(s, h)
 
 
+def _recent_average(decay: float) -> Callable[[list[Tensor], list[Tensor], Tensor], None]:
+    """An exponential moving average whose decay after n steps is min(decay, n / (n + 4)):
+    it covers about the last quarter of the steps so far, so that a short run's average is not
+    held back by its first, untrained weights, and at most 1 / (1 - decay) steps."""
+
+    def update(averaged: list[Tensor], current: list[Tensor], steps: Tensor) -> None:
+        n = int(steps)
+        keep = min(decay, n / (n + 4))
+        for mean, value in zip(averaged, current, strict=True):
+            mean.lerp_(value, 1.0 - keep)
+
+    return update
+
+
 class Trainer:
     def __init__(
         self,
@@ -211,9 +225,7 @@ class Trainer:
         # subword preset at 3 minutes, bench/quality.py).
         self.average = (
             AveragedModel(
-                self.model,
-                multi_avg_fn=get_ema_multi_avg_fn(config.average_decay),
-                use_buffers=False,
+                self.model, multi_avg_fn=_recent_average(config.average_decay), use_buffers=False
             )
             if config.average_decay
             else None
