@@ -22,8 +22,8 @@ The cache is part of the model, and counts the text the model is given: a text t
 (`model_store.scoring`: ``/score``, ``training.evaluate``, the trainer's validation), a prompt
 and a session's text (the batched engine, ``/next-words``, training previews). The words a
 sample writes move the context on but are not counted (`TextCache.follow`): counting them let
-a sample feed on its own words (19% of a sample's trigrams repeated, against 3% without the
-cache, in `bench/generation_quality.py`), while what the text to continue says is kept. A
+a sample feed on its own words (its repeated trigrams in `bench/generation_quality.py` grew
+several times over), while what the text to continue says is kept. A
 sample's ``logprobs`` are the probabilities it was drawn with; ``/score`` of the prompt and the
 sample together counts the sample's words too, so it may give them more.
 """
@@ -35,6 +35,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -78,12 +79,17 @@ class TextCache:
         # context (the ids before, oldest first; () for order 0) -> followers and their counts
         self._followers: dict[tuple[int, ...], Counter[int]] = {(): Counter()}
         self._totals: Counter[tuple[int, ...]] = Counter()
-        # c(w) as a dense row, kept up to date for the sampler, which adds it to a batch row
-        self._unigram = torch.zeros(vocab_size) if vocab_size is not None else None
+        self._unigram: Tensor | None = None
         self._recent: tuple[int, ...] = ()  # the last ``order`` ids
         self._next: list[tuple[int, ...]] | None = [()]  # see _current
         for i in ids:
             self.add(i)
+        if vocab_size is not None:  # c(w) as a dense row, which the sampler adds to a batch row
+            counts = self._followers[()]
+            self._unigram = torch.zeros(vocab_size).index_put_(
+                (torch.tensor(list(counts), dtype=torch.long),),
+                torch.tensor(list(counts.values()), dtype=torch.float),
+            )
 
     def _contexts(self, recent: tuple[int, ...]) -> list[tuple[int, ...]]:
         """(), then the last 1, 2, ... ``order`` ids of ``recent``."""
@@ -212,21 +218,17 @@ def mix(log_prob: float, weight: float, cached: float) -> float:
     if weight == 0.0:
         return log_prob
     own = log_prob + math.log1p(-weight)
-    if cached == 0.0:
-        return own
-    other = math.log(weight * cached)
-    high, low = max(own, other), min(own, other)
-    return high + math.log1p(math.exp(low - high))
+    return own if cached == 0.0 else float(np.logaddexp(own, math.log(weight * cached)))
 
 
 def mix_rows(scores: Tensor, nexts: Sequence[NextIds | None]) -> Tensor:
     """(B, V) next-id ``scores`` (logits or log-probabilities) with each row's cache mixed in
     (``nexts[i]``, or None for a row without one): log-probabilities for the rows whose cache
     has a say, the rows as they were otherwise."""
-    rows = [row for row, n in enumerate(nexts) if n is not None and n.weight > 0.0]
+    rows = [row for row, n in enumerate(nexts) if n is not None]
     if not rows:
         return scores
-    weights, dense = stack([n for n in nexts if n is not None and n.weight > 0.0])
+    weights, dense = stack([n for n in nexts if n is not None])
     device = scores.device
     index = torch.tensor(rows, device=device)
     lam, dense = weights.to(device), dense.to(device)
