@@ -15,8 +15,11 @@ longest context seen before. The model's distribution is then
     p(w) = (1 - l) * p_network(w) + l * p_cache(w),    l = weight * n / (n + confidence * u)
 
 with ``n`` and ``u`` of that longest context: the cache speaks up when its context has been
-seen often with few different followers, and not at all before any context repeats. The
-weights were chosen on held-out plays (`bench/quality.py`; the README has the figures).
+seen often with few different followers, and not at all before any context repeats. Inside
+a word (a context every follower of which continues a word: a subword model spelling a name
+it has seen in this text) one sighting says much more than between words, so such a context
+has its own, smaller ``inner_confidence``. The settings were chosen on held-out plays
+(`bench/quality.py`; the README has the figures).
 
 The cache is part of the model, and counts the text the model is given: a text to score
 (`model_store.scoring`: ``/score``, ``training.evaluate``, the trainer's validation), a prompt
@@ -34,6 +37,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -47,6 +51,7 @@ class CacheSettings:
     order: int = 0
     weight: float = 0.9
     confidence: float = 4.0
+    inner_confidence: float | None = None  # inside a word; None: ``confidence``
 
     def problems(self) -> list[str]:
         out = []
@@ -59,6 +64,11 @@ class CacheSettings:
             math.isfinite(confidence) and confidence > 0
         ):
             out.append(f"cache_confidence must be a positive number (got {confidence!r})")
+        inner = self.inner_confidence
+        if inner is not None and (
+            type(inner) not in (int, float) or not (math.isfinite(inner) and inner > 0)
+        ):
+            out.append(f"cache_inner_confidence must be a positive number (got {inner!r})")
         return out
 
     @property
@@ -71,10 +81,16 @@ class TextCache:
     ``order`` ids, counted (`add`) or not (`follow`: the words a sample writes)."""
 
     def __init__(
-        self, settings: CacheSettings, vocab_size: int | None = None, ids: Iterable[int] = ()
+        self,
+        settings: CacheSettings,
+        vocab_size: int | None = None,
+        ids: Iterable[int] = (),
+        opens: Sequence[bool] | None = None,
     ) -> None:
-        """``vocab_size`` is needed for `next_ids` only (the sampler's dense rows)."""
+        """``vocab_size`` is needed for `next_ids` only (the sampler's dense rows); ``opens``
+        says which ids open a word (`Vocab.starts_word`), None that every id does."""
         self.settings = settings
+        self._opens = opens if settings.inner_confidence is not None else None
         self.counted = 0
         # context (the ids before, oldest first; () for order 0) -> followers and their counts
         self._followers: dict[tuple[int, ...], Counter[int]] = {(): Counter()}
@@ -141,8 +157,12 @@ class TextCache:
         """l: from the longest context's count and its number of distinct followers."""
         if len(levels) == 1:
             return 0.0
-        seen, types = levels[-1][0], len(levels[-1][1])
-        return self.settings.weight * seen / (seen + self.settings.confidence * types)
+        seen, followers = levels[-1]
+        confidence = self.settings.confidence
+        opens = self._opens
+        if opens is not None and not any(opens[i] for i in followers):
+            confidence = cast(float, self.settings.inner_confidence)
+        return self.settings.weight * seen / (seen + confidence * len(followers))
 
     def terms(self, after: Sequence[int] = ()) -> tuple[float, list[tuple[float, Counter[int]]]]:
         """``(l, [(a_k, followers_k), ...])`` with p_cache(w) = sum of a_k * followers_k[w]
@@ -241,14 +261,17 @@ def mix_rows(scores: Tensor, nexts: Sequence[NextIds | None]) -> Tensor:
 
 
 def mixed_log_probs(
-    settings: CacheSettings, ids: Sequence[int], own: Sequence[float]
+    settings: CacheSettings,
+    ids: Sequence[int],
+    own: Sequence[float],
+    opens: Sequence[bool] | None,
 ) -> list[float]:
     """Each id's log-probability under the model with its cache, given ``own``, the network's
     log-probability of each id of the text ``ids`` (the cache starts empty at the text's
-    start)."""
+    start); ``opens`` as for `TextCache`."""
     if not settings.enabled:
         return list(own)
-    cache = TextCache(settings)
+    cache = TextCache(settings, opens=opens)
     out = []
     for token, log_prob in zip(ids, own, strict=True):
         out.append(mix(log_prob, *cache.prob(token)))

@@ -70,6 +70,7 @@ class ModelConfig:
     cache_order: int = 0
     cache_weight: float = 0.9
     cache_confidence: float = 4.0
+    cache_inner_confidence: float | None = None
 
     def __post_init__(self) -> None:
         # Types first: a config read from JSON may hold "8" or 1.5 where torch needs an int.
@@ -119,7 +120,9 @@ class ModelConfig:
 
     @property
     def cache(self) -> CacheSettings:
-        return CacheSettings(self.cache_order, self.cache_weight, self.cache_confidence)
+        return CacheSettings(
+            self.cache_order, self.cache_weight, self.cache_confidence, self.cache_inner_confidence
+        )
 
     def resolved_cutoffs(self) -> tuple[int, ...]:
         return tuple(self.cutoffs) if self.cutoffs else adaptive_cutoffs(self.vocab_size)

@@ -389,12 +389,13 @@ def generate(
     banned_ids: Sequence[int] = (),
     first_banned_ids: Sequence[int] = (),
     should_stop: Callable[[], bool] | None = None,
+    opens: Sequence[bool] | None = None,
 ) -> tuple[list[int], Hidden]:
     """One row, one word at a time: the lab's ``predict``. Returns the new ids and the state.
 
     With ``hidden`` given (a session), generation continues from it after feeding ``seed_ids``.
     The model's text cache, if it has one, counts ``seed_ids``; the words written move its
-    context on without being counted (`model_store.cache`).
+    context on without being counted (`model_store.cache`; ``opens``: which ids open a word).
     ``first_banned_ids`` are also banned from the first word (a subword model's continuation
     pieces: the seed's last word is whole). ``should_stop`` is asked before each word; once it
     says yes, the words so far are returned (a training preview must not outlive a Ctrl-C, a
@@ -402,7 +403,9 @@ def generate(
     """
     hidden = start_state(model, seed_ids, bos_id, hidden)
     settings = model.config.cache
-    cache = TextCache(settings, model.config.vocab_size, seed_ids) if settings.enabled else None
+    cache = (
+        TextCache(settings, model.config.vocab_size, seed_ids, opens) if settings.enabled else None
+    )
     out: list[int] = []
     for step in range(n_words):
         if should_stop is not None and should_stop():

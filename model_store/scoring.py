@@ -25,11 +25,11 @@ WINDOW = 2048  # tokens per forward pass: the state is carried, memory stays bou
 CHUNK = 256  # positions per output-layer call: bounds the (T, V) tensor
 
 
-def token_log_probs(model: WordRNN, ids: Sequence[int], bos_id: int) -> Tensor:
+def token_log_probs(model: WordRNN, vocab: Vocab, ids: Sequence[int]) -> Tensor:
     """(T,) natural log-probability of each id given ``<bos>`` and the ids before it: the
     network's, with the model's text cache mixed in (`model_store.cache`)."""
     device = model.embedding.weight.device
-    inputs = torch.tensor([bos_id, *ids[:-1]], dtype=torch.long, device=device)
+    inputs = torch.tensor([vocab.bos_id, *ids[:-1]], dtype=torch.long, device=device)
     targets = torch.tensor(list(ids), dtype=torch.long, device=device)
     out: list[Tensor] = []
     hidden = None
@@ -43,7 +43,8 @@ def token_log_probs(model: WordRNN, ids: Sequence[int], bos_id: int) -> Tensor:
     own = torch.cat(out) if out else torch.zeros(0)
     if not model.config.cache.enabled:
         return own
-    return torch.tensor(mixed_log_probs(model.config.cache, ids, own.tolist()), dtype=own.dtype)
+    mixed = mixed_log_probs(model.config.cache, ids, own.tolist(), vocab.starts_word())
+    return torch.tensor(mixed, dtype=own.dtype)
 
 
 def bits_per_char(log_prob: float, characters: int) -> float:
@@ -71,7 +72,9 @@ def next_words(
     device = model.embedding.weight.device
     banned = torch.tensor(vocab.special_ids, device=device)
     cache = (
-        TextCache(model.config.cache, len(vocab), history) if model.config.cache.enabled else None
+        TextCache(model.config.cache, len(vocab), history, vocab.starts_word())
+        if model.config.cache.enabled
+        else None
     )
     log_probs = model.log_probs(top_features(hidden))
     if cache is not None:

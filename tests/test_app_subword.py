@@ -113,7 +113,7 @@ def test_score_is_finite_for_words_never_seen(client: TestClient, run: Path) -> 
     # A word's log-probability is the sum of its pieces'; the text's, of all its pieces'.
     loaded = checkpoint.load(run, torch.device("cpu"))
     ids, _, sizes = loaded.vocab.encode_words(text.split())
-    pieces = token_log_probs(loaded.model, ids, loaded.vocab.bos_id).tolist()
+    pieces = token_log_probs(loaded.model, loaded.vocab, ids).tolist()
     assert out["log_prob"] == pytest.approx(math.fsum(pieces), abs=1e-4)
     assert out["words"][4]["log_prob"] == pytest.approx(
         math.fsum(pieces[sum(sizes[:4]) : sum(sizes[:5])]), abs=1e-4

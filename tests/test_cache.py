@@ -8,6 +8,7 @@ draws from: each is checked here against the network's own probabilities mixed b
 from __future__ import annotations
 
 import math
+import random
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -23,7 +24,7 @@ from app.engine import GenerationJob, generate_alone
 from model_store import checkpoint
 from model_store.cache import CacheSettings, TextCache, mix, mixed_log_probs, stack
 from model_store.network import ModelConfig, WordRNN, top_features
-from model_store.sampling import SamplingParams, start_state
+from model_store.sampling import SamplingParams, advance, start_state
 from model_store.scoring import next_words, token_log_probs
 from tests.conftest import TINY_TEXT, build_run
 from tests.test_trainer import make_trainer
@@ -31,15 +32,20 @@ from training.data import eval_rows
 
 
 def brute(
-    s: CacheSettings, history: list[int], token: int, after: Sequence[int] = ()
+    s: CacheSettings,
+    history: list[int],
+    token: int,
+    after: Sequence[int] = (),
+    opens: Sequence[bool] | None = None,
 ) -> tuple[float, float]:
     """(weight, p_cache(token)) from the formulas in model_store.cache, counted afresh over
-    ``history``, for the context that ``history`` and then ``after`` end with."""
+    ``history``, for the context that ``history`` and then ``after`` end with; ``opens``
+    says which ids open a word (None: all)."""
     n = len(history)
     if n == 0:
         return 0.0, 0.0
     p = history.count(token) / n
-    seen, types = 0, 1
+    seen, types, inner = 0, 1, False
     recent = [*history, *after]
     for k in range(1, min(s.order, len(recent)) + 1):
         ctx = recent[len(recent) - k :]
@@ -47,8 +53,10 @@ def brute(
         if not followers:
             break
         seen, types = len(followers), len(set(followers))
+        inner = opens is not None and not any(opens[i] for i in followers)
         p = (followers.count(token) + types * p) / (seen + types)
-    return s.weight * seen / (seen + s.confidence * types), p
+    confidence = s.inner_confidence if inner and s.inner_confidence is not None else s.confidence
+    return s.weight * seen / (seen + confidence * types), p
 
 
 cache_settings = st.builds(
@@ -56,7 +64,10 @@ cache_settings = st.builds(
     order=st.integers(1, 4),
     weight=st.sampled_from([0.3, 0.9]),
     confidence=st.sampled_from([0.5, 4.0]),
+    inner_confidence=st.sampled_from([None, 0.25]),
 )
+# Which of the ids 0..5 open a word (a subword vocabulary), or None: every one (words).
+openings = st.none() | st.lists(st.booleans(), min_size=6, max_size=6)
 
 
 @settings(max_examples=150, deadline=None)
@@ -64,22 +75,23 @@ cache_settings = st.builds(
     s=cache_settings,
     history=st.lists(st.integers(0, 4), max_size=40),
     written=st.lists(st.integers(0, 4), max_size=4),
+    opens=openings,
 )
 def test_the_cache_counts_as_the_formulas_say(
-    s: CacheSettings, history: list[int], written: list[int]
+    s: CacheSettings, history: list[int], written: list[int], opens: list[bool] | None
 ) -> None:
-    cache = TextCache(s, 6, history)
+    cache = TextCache(s, 6, history, opens)
     trial = [cache.next_ids(after=written)]  # what a search tries
     for token in written:  # what a sample writes: followed, not counted
         cache.follow(token)
     for nexts in ([cache.next_ids()], trial):
         if nexts[0] is None:  # no say: the weight is 0
-            assert brute(s, history, 0, written)[0] == 0
+            assert brute(s, history, 0, written, opens)[0] == 0
             continue
         weights, stacked = stack([nexts[0]])
         weight, dense = float(weights[0, 0]), stacked[0]
         for token in range(6):
-            want_weight, want = brute(s, history, token, written)
+            want_weight, want = brute(s, history, token, written, opens)
             assert weight == pytest.approx(want_weight)
             assert cache.prob(token) == pytest.approx((want_weight, want))
             if weight:
@@ -96,12 +108,14 @@ def test_mix_is_the_mixture_in_log_space() -> None:
 
 
 @settings(max_examples=50, deadline=None)
-@given(s=cache_settings, ids=st.lists(st.integers(0, 3), min_size=1, max_size=30))
-def test_mixed_log_probs_read_the_text_in_order(s: CacheSettings, ids: list[int]) -> None:
+@given(s=cache_settings, ids=st.lists(st.integers(0, 3), min_size=1, max_size=30), opens=openings)
+def test_mixed_log_probs_read_the_text_in_order(
+    s: CacheSettings, ids: list[int], opens: list[bool] | None
+) -> None:
     own = [math.log(0.1 + 0.05 * i) for i in ids]
-    got = mixed_log_probs(s, ids, own)
+    got = mixed_log_probs(s, ids, own, opens)
     for t, token in enumerate(ids):
-        weight, cached = brute(s, ids[:t], token)
+        weight, cached = brute(s, ids[:t], token, (), opens)
         assert got[t] == pytest.approx(math.log((1 - weight) * math.exp(own[t]) + weight * cached))
 
 
@@ -125,9 +139,9 @@ def network_alone(model: WordRNN) -> WordRNN:
 def test_scores_are_the_networks_mixed_with_the_cache(cached: checkpoint.Checkpoint) -> None:
     vocab = cached.vocab
     ids = vocab.encode_lenient(vocab.split_words(TINY_TEXT))[0][:80]
-    own = token_log_probs(network_alone(cached.model), ids, vocab.bos_id).tolist()
-    got = token_log_probs(cached.model, ids, vocab.bos_id).tolist()
-    want = mixed_log_probs(cached.model.config.cache, ids, own)
+    own = token_log_probs(network_alone(cached.model), vocab, ids).tolist()
+    got = token_log_probs(cached.model, vocab, ids).tolist()
+    want = mixed_log_probs(cached.model.config.cache, ids, own, None)
     assert got == pytest.approx(want, abs=1e-5)
     # The text repeats itself: the cache has its say, and it helps.
     assert sum(got) > sum(own) + 20
@@ -151,7 +165,7 @@ def test_generated_words_carry_the_probabilities_they_were_drawn_with(
         (sample,) = generate_alone(cached.model, vocab, job, vocab.special_ids).samples
     generated = [vocab.id_of(w) for w in sample.words]
     text = [*seed, *generated]
-    own = token_log_probs(network_alone(cached.model), text, vocab.bos_id).tolist()
+    own = token_log_probs(network_alone(cached.model), vocab, text).tolist()
     cache = TextCache(cached.model.config.cache, None, seed)  # the prompt, counted
     want = []
     for t, token in enumerate(generated):
@@ -160,8 +174,8 @@ def test_generated_words_carry_the_probabilities_they_were_drawn_with(
     assert sample.log_probs == pytest.approx(want, abs=1e-4)
     assert want != pytest.approx(own[len(seed) :], abs=1e-3)  # the cache had its say
     # /score reads the prompt as generation started from it.
-    scored = token_log_probs(cached.model, seed, vocab.bos_id).tolist()
-    assert token_log_probs(cached.model, text, vocab.bos_id).tolist()[: len(seed)] == (
+    scored = token_log_probs(cached.model, vocab, seed).tolist()
+    assert token_log_probs(cached.model, vocab, text).tolist()[: len(seed)] == (
         pytest.approx(scored)
     )
 
@@ -180,6 +194,84 @@ def test_next_words_are_the_mixed_distributions_best(cached: checkpoint.Checkpoi
     assert cache.prob(vocab.id_of("wind"))[0] > 0  # the cache had a say
 
 
+# Made-up names, each twice: the pieces learned from it cannot spell most of them whole.
+_draw = random.Random(0)
+_names = ["".join(_draw.choices("aeioubdgklmnrstvz", k=_draw.randint(6, 9))) for _ in range(60)]
+NAMES = " ".join(_names * 2) + "\n"
+
+
+@pytest.fixture(scope="module")
+def cached_subword(tmp_path_factory: pytest.TempPathFactory) -> checkpoint.Checkpoint:
+    run_dir = tmp_path_factory.mktemp("cached-subword") / "run"
+    build_run(
+        run_dir,
+        text=NAMES,
+        tokenizer="subword",
+        cell="lstm",
+        seed=3,
+        cache_order=3,
+        cache_confidence=4.0,
+        cache_inner_confidence=0.25,
+    )
+    return checkpoint.load(run_dir, "cpu")
+
+
+def test_inside_a_word_scoring_and_sampling_take_the_inner_confidence(
+    cached_subword: checkpoint.Checkpoint,
+) -> None:
+    """A subword model's cache reads a context inside a word (only ever followed by pieces
+    that continue one) with its own confidence, on /score's path and the engine's alike."""
+    vocab, model = cached_subword.vocab, cached_subword.model
+    opens, settings, bare = vocab.starts_word(), model.config.cache, network_alone(model)
+    ids = vocab.encode(vocab.tokenize(NAMES))
+    own = token_log_probs(bare, vocab, ids).tolist()
+    got = token_log_probs(model, vocab, ids).tolist()
+    assert got == pytest.approx(mixed_log_probs(settings, ids, own, opens), abs=1e-5)
+    assert got != pytest.approx(mixed_log_probs(settings, ids, own, None), abs=1e-3)
+
+    words = vocab.split_words(NAMES)[:-3]
+    seed, _, _ = vocab.encode_words(words)
+    job = GenerationJob(
+        seed_ids=seed,
+        context=words,
+        params=SamplingParams(top_k=1),
+        history=seed,
+        random_seed=0,
+        max_words=1,
+        logprobs=0,
+    )
+    with torch.inference_mode():
+        (sample,) = generate_alone(model, vocab, job, vocab.special_ids).samples
+
+        def greedy(word_opens: Sequence[bool] | None) -> tuple[str, float]:
+            """The first word by hand: the best piece of the mixed distribution until the
+            next word would begin."""
+            cache = TextCache(settings, None, seed, word_opens)
+            hidden = start_state(bare, seed, vocab.bos_id)
+            pieces, log_prob = [], 0.0
+            for step in range(8):
+                net = bare.log_probs(top_features(hidden))[0].tolist()
+                allowed = [
+                    i
+                    for i in range(len(vocab))
+                    if i not in vocab.special_ids and (opens[i] if step == 0 else True)
+                ]
+                mixed = {i: mix(net[i], *cache.prob(i)) for i in allowed}
+                best = max(mixed, key=mixed.__getitem__)
+                if step and opens[best]:
+                    break
+                pieces.append(vocab.tokens[best])
+                log_prob += mixed[best]
+                cache.follow(best)
+                hidden = advance(bare, hidden, [best])
+            return vocab.tokenizer.subword_model().word(pieces), log_prob
+
+        (word, log_prob), (_, between_words) = greedy(opens), greedy(None)
+    assert sample.words == [word]
+    assert sample.log_probs[0] == pytest.approx(log_prob, abs=1e-4)
+    assert between_words != pytest.approx(log_prob, abs=1e-3)  # inside a word it mattered
+
+
 def test_the_trainer_validates_with_the_cache(tmp_path: Path) -> None:
     trainer = make_trainer(tmp_path / "run", cache_order=2, batch_size=3)
     model = trainer.model.eval()
@@ -187,7 +279,7 @@ def test_the_trainer_validates_with_the_cache(tmp_path: Path) -> None:
     with torch.inference_mode():
         features, _ = model.features(x)  # each row read whole: the windows carry the state
         own = model.target_log_probs(features.reshape(-1, features.shape[-1]), y.reshape(-1))
-    want = mixed_log_probs(model.config.cache, y.flatten().tolist(), own.tolist())
+    want = mixed_log_probs(model.config.cache, y.flatten().tolist(), own.tolist(), None)
     got = trainer.validation_loss()
     assert got == pytest.approx(-math.fsum(want) / y.numel(), rel=1e-5)
     assert got < -float(own.mean()) - 0.1  # a text that repeats: the cache helps
@@ -199,6 +291,7 @@ def test_the_trainer_validates_with_the_cache(tmp_path: Path) -> None:
         (["--cache-order", "9"], "--cache-order must be an integer in [0, 8]"),
         (["--cache-weight", "1"], "--cache-weight must be in [0, 1)"),
         (["--cache-confidence", "0"], "--cache-confidence must be a positive number"),
+        (["--cache-inner-confidence", "-1"], "--cache-inner-confidence must be a positive"),
     ],
 )
 def test_bad_cache_settings_are_named(

@@ -31,8 +31,8 @@ def test_int8_weights_score_nearly_as_float32(lstm_run: Path) -> None:
     assert exact.model.rnn.weight_ih_l0.dtype == torch.float32  # the float model is untouched
     ids = exact.vocab.encode(exact.vocab.tokenize(TINY_TEXT))
     with torch.inference_mode():
-        want = token_log_probs(exact.model, ids, exact.vocab.bos_id)
-        got = token_log_probs(int8.model, ids, exact.vocab.bos_id)
+        want = token_log_probs(exact.model, exact.vocab, ids)
+        got = token_log_probs(int8.model, exact.vocab, ids)
     assert float(got.sum()) == pytest.approx(float(want.sum()), rel=0.01)
     assert float(got.sum()) != float(want.sum())  # it did change the weights
 

@@ -175,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="how many times a context must be seen per distinct follower before the cache "
         f"takes half its weight (default: {d.cache_confidence})",
     )
+    net.add_argument(
+        "--cache-inner-confidence",
+        type=float,
+        help="the same inside a word (a context only ever followed by pieces that continue a "
+        "word), where one sighting says more (default: --cache-confidence)",
+    )
 
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, help=f"passes over the corpus (default: {d.epochs})")

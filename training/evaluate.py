@@ -32,7 +32,7 @@ def evaluate(loaded: Checkpoint, text: str) -> dict[str, Any]:
     ids = vocab.encode(vocab.tokenize(text))  # exact, as training read its text
     if not ids:
         raise ValueError("the text holds no words")
-    log_prob = math.fsum(token_log_probs(loaded.model, ids, vocab.bos_id).tolist())
+    log_prob = math.fsum(token_log_probs(loaded.model, vocab, ids).tolist())
     n_words = len(text.split())
     held = [i for i, w in zip(ids, vocab.decode(ids), strict=True) if w != NEWLINE]
     unknown = 0 if vocab.is_subword else sum(1 for i in held if i == vocab.unk_id)

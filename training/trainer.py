@@ -416,7 +416,8 @@ class Trainer:
         # (if the model has one) reads it as /score and training.evaluate do.
         own = torch.cat(parts, dim=1).flatten()
         settings = model.config.cache
-        log_probs = mixed_log_probs(settings, y.flatten().tolist(), own.tolist())
+        opens = self.vocab.starts_word()
+        log_probs = mixed_log_probs(settings, y.flatten().tolist(), own.tolist(), opens)
         return -math.fsum(log_probs) / y.numel()
 
     @property
@@ -507,6 +508,7 @@ class Trainer:
             vocab.bos_id,
             banned_ids=vocab.special_ids,
             first_banned_ids=[i for i, opens in enumerate(vocab.starts_word()) if not opens],
+            opens=vocab.starts_word(),
             should_stop=should_stop,
         )
         model.train(was_training)

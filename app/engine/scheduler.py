@@ -474,7 +474,7 @@ class Engine:
         return scoring.next_words(self.model, self.vocab, state, top_k, history=history)
 
     def _score(self, ids: Sequence[int]) -> list[float]:
-        return scoring.token_log_probs(self.model, ids, self.vocab.bos_id).tolist()  # type: ignore[no-any-return]
+        return scoring.token_log_probs(self.model, self.vocab, ids).tolist()  # type: ignore[no-any-return]
 
 
 class BatchedEngine(Engine):
