@@ -39,7 +39,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -233,14 +232,6 @@ def stack(nexts: Sequence[NextIds]) -> tuple[Tensor, Tensor]:
     return weights, dense
 
 
-def mix(log_prob: float, weight: float, cached: float) -> float:
-    """log((1 - weight) * p + weight * cached) for p = exp(``log_prob``), without underflow."""
-    if weight == 0.0:
-        return log_prob
-    own = log_prob + math.log1p(-weight)
-    return own if cached == 0.0 else float(np.logaddexp(own, math.log(weight * cached)))
-
-
 def mix_rows(scores: Tensor, nexts: Sequence[NextIds | None]) -> Tensor:
     """(B, V) next-id ``scores`` (logits or log-probabilities) with each row's cache mixed in
     (``nexts[i]``, or None for a row without one): log-probabilities for the rows whose cache
@@ -260,20 +251,34 @@ def mix_rows(scores: Tensor, nexts: Sequence[NextIds | None]) -> Tensor:
     return scores.float().index_copy(0, index, mixed)
 
 
+def text_terms(settings: CacheSettings, ids: Sequence[int], opens: Sequence[bool] | None) -> Tensor:
+    """(2, T) float64: for each id of the text ``ids``, read in order from an empty cache,
+    log(1 - l) and log(l * p_cache(id)) (-inf where the cache gives it nothing); ``opens`` as
+    for `TextCache`. They depend on the text alone, not on the network: the trainer works them
+    out once for its validation text, and each validation is then one `mix_terms`."""
+    cache = TextCache(settings, opens=opens)
+    weights, probs = [], []
+    for token in ids:
+        weight, p = cache.prob(token)
+        weights.append(weight)
+        probs.append(p)
+        cache.add(token)
+    weight_t = torch.tensor(weights, dtype=torch.float64)
+    return torch.stack([torch.log1p(-weight_t), torch.log(weight_t * torch.tensor(probs))])
+
+
+def mix_terms(own: Tensor, terms: Tensor) -> Tensor:
+    """(T,) float64 log((1 - l) p_network + l p_cache) of each id of a text, from ``own``, the
+    network's (T,) log-probabilities, and the text's `text_terms`."""
+    return torch.logaddexp(own.double() + terms[0], terms[1])
+
+
 def mixed_log_probs(
-    settings: CacheSettings,
-    ids: Sequence[int],
-    own: Sequence[float],
-    opens: Sequence[bool] | None,
-) -> list[float]:
+    settings: CacheSettings, ids: Sequence[int], own: Tensor, opens: Sequence[bool] | None
+) -> Tensor:
     """Each id's log-probability under the model with its cache, given ``own``, the network's
     log-probability of each id of the text ``ids`` (the cache starts empty at the text's
-    start); ``opens`` as for `TextCache`."""
+    start; ``opens`` as for `TextCache`); ``own`` itself when the cache is off."""
     if not settings.enabled:
-        return list(own)
-    cache = TextCache(settings, opens=opens)
-    out = []
-    for token, log_prob in zip(ids, own, strict=True):
-        out.append(mix(log_prob, *cache.prob(token)))
-        cache.add(token)
-    return out
+        return own
+    return mix_terms(own, text_terms(settings, ids, opens))

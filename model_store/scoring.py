@@ -43,8 +43,8 @@ def token_log_probs(model: WordRNN, vocab: Vocab, ids: Sequence[int]) -> Tensor:
     own = torch.cat(out) if out else torch.zeros(0)
     if not model.config.cache.enabled:
         return own
-    mixed = mixed_log_probs(model.config.cache, ids, own.tolist(), vocab.starts_word())
-    return torch.tensor(mixed, dtype=own.dtype)
+    mixed = mixed_log_probs(model.config.cache, ids, own.cpu(), vocab.starts_word())
+    return mixed.to(own.dtype)
 
 
 def bits_per_char(log_prob: float, characters: int) -> float:

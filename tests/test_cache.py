@@ -22,7 +22,14 @@ from hypothesis import strategies as st
 
 from app.engine import GenerationJob, generate_alone
 from model_store import checkpoint
-from model_store.cache import CacheSettings, TextCache, mix, mixed_log_probs, stack
+from model_store.cache import (
+    CacheSettings,
+    TextCache,
+    mix_terms,
+    mixed_log_probs,
+    stack,
+    text_terms,
+)
 from model_store.network import ModelConfig, WordRNN, top_features
 from model_store.sampling import SamplingParams, advance, start_state
 from model_store.scoring import next_words, token_log_probs
@@ -100,11 +107,20 @@ def test_the_cache_counts_as_the_formulas_say(
             assert float(dense.sum()) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_mix_is_the_mixture_in_log_space() -> None:
-    assert mix(math.log(0.2), 0.5, 0.6) == pytest.approx(math.log(0.5 * 0.2 + 0.5 * 0.6))
-    assert mix(math.log(0.2), 0.0, 0.6) == math.log(0.2)
-    assert mix(-2000.0, 0.5, 0.6) == pytest.approx(math.log(0.3))  # no underflow to -inf
-    assert mix(-2000.0, 0.5, 0.0) == pytest.approx(-2000.0 + math.log(0.5))
+def mix(log_prob: float, weight: float, cached: float) -> float:
+    """log((1 - weight) p + weight cached) for p = exp(log_prob), by hand."""
+    return math.log((1 - weight) * math.exp(log_prob) + weight * cached)
+
+
+def test_the_mixture_is_taken_in_log_space() -> None:
+    own = torch.tensor([math.log(0.2), math.log(0.2), -2000.0, -2000.0])
+    weights, cached = torch.tensor([0.5, 0.0, 0.5, 0.5]), torch.tensor([0.6, 0.6, 0.6, 0.0])
+    terms = torch.stack([torch.log1p(-weights), torch.log(weights * cached)]).double()
+    got = mix_terms(own, terms).tolist()
+    assert got[0] == pytest.approx(math.log(0.5 * 0.2 + 0.5 * 0.6))
+    assert got[1] == float(own[1])  # no weight: the network's own, exactly
+    assert got[2] == pytest.approx(math.log(0.3))  # no underflow to -inf
+    assert got[3] == pytest.approx(-2000.0 + math.log(0.5))
 
 
 @settings(max_examples=50, deadline=None)
@@ -113,10 +129,11 @@ def test_mixed_log_probs_read_the_text_in_order(
     s: CacheSettings, ids: list[int], opens: list[bool] | None
 ) -> None:
     own = [math.log(0.1 + 0.05 * i) for i in ids]
-    got = mixed_log_probs(s, ids, own, opens)
+    got = mixed_log_probs(s, ids, torch.tensor(own, dtype=torch.float64), opens).tolist()
+    assert text_terms(s, ids, opens).shape == (2, len(ids))
     for t, token in enumerate(ids):
         weight, cached = brute(s, ids[:t], token, (), opens)
-        assert got[t] == pytest.approx(math.log((1 - weight) * math.exp(own[t]) + weight * cached))
+        assert got[t] == pytest.approx(mix(own[t], weight, cached))
 
 
 # -- one distribution on every path ---------------------------------------------------------
@@ -141,7 +158,7 @@ def test_scores_are_the_networks_mixed_with_the_cache(cached: checkpoint.Checkpo
     ids = vocab.encode_lenient(vocab.split_words(TINY_TEXT))[0][:80]
     own = token_log_probs(network_alone(cached.model), vocab, ids).tolist()
     got = token_log_probs(cached.model, vocab, ids).tolist()
-    want = mixed_log_probs(cached.model.config.cache, ids, own, None)
+    want = mixed_log_probs(cached.model.config.cache, ids, torch.tensor(own), None).tolist()
     assert got == pytest.approx(want, abs=1e-5)
     # The text repeats itself: the cache has its say, and it helps.
     assert sum(got) > sum(own) + 20
@@ -224,10 +241,10 @@ def test_inside_a_word_scoring_and_sampling_take_the_inner_confidence(
     vocab, model = cached_subword.vocab, cached_subword.model
     opens, settings, bare = vocab.starts_word(), model.config.cache, network_alone(model)
     ids = vocab.encode(vocab.tokenize(NAMES))
-    own = token_log_probs(bare, vocab, ids).tolist()
+    own = token_log_probs(bare, vocab, ids)
     got = token_log_probs(model, vocab, ids).tolist()
-    assert got == pytest.approx(mixed_log_probs(settings, ids, own, opens), abs=1e-5)
-    assert got != pytest.approx(mixed_log_probs(settings, ids, own, None), abs=1e-3)
+    assert got == pytest.approx(mixed_log_probs(settings, ids, own, opens).tolist(), abs=1e-5)
+    assert got != pytest.approx(mixed_log_probs(settings, ids, own, None).tolist(), abs=1e-3)
 
     words = vocab.split_words(NAMES)[:-3]
     seed, _, _ = vocab.encode_words(words)
@@ -276,13 +293,16 @@ def test_the_trainer_validates_with_the_cache(tmp_path: Path) -> None:
     trainer = make_trainer(tmp_path / "run", cache_order=2, batch_size=3)
     model = trainer.model.eval()
     x, y = eval_rows(trainer.dataset.valid_ids, trainer.config.batch_size)
-    with torch.inference_mode():
-        features, _ = model.features(x)  # each row read whole: the windows carry the state
-        own = model.target_log_probs(features.reshape(-1, features.shape[-1]), y.reshape(-1))
-    want = mixed_log_probs(model.config.cache, y.flatten().tolist(), own.tolist(), None)
-    got = trainer.validation_loss()
-    assert got == pytest.approx(-math.fsum(want) / y.numel(), rel=1e-5)
-    assert got < -float(own.mean()) - 0.1  # a text that repeats: the cache helps
+    for _ in range(2):  # the cache's say is kept from the first validation: still right after
+        with torch.inference_mode():
+            features, _ = model.features(x)  # each row read whole: the windows carry the state
+            own = model.target_log_probs(features.reshape(-1, features.shape[-1]), y.reshape(-1))
+        want = mixed_log_probs(model.config.cache, y.flatten().tolist(), own, None).tolist()
+        got = trainer.validation_loss()
+        assert got == pytest.approx(-math.fsum(want) / y.numel(), rel=1e-5)
+        assert got < -float(own.mean()) - 0.1  # a text that repeats: the cache helps
+        with torch.no_grad():
+            model.embedding.weight.mul_(1.5)  # other weights, the same text
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from torch import nn
 from model_store.network import (
     CELLS,
     ConfigError,
+    LockedDropout,
     ModelConfig,
     WordRNN,
     adaptive_cutoffs,
@@ -144,6 +145,20 @@ def test_tie_weights_shares_the_embedding_tensor() -> None:
     model = make_model(tie_weights=True)
     assert model.decoder is not None
     assert model.decoder.weight is model.embedding.weight
+
+
+def test_dropout_keeps_one_mask_along_each_sequence() -> None:
+    """In training a row loses the same features at every step, each row its own, and what
+    is kept is scaled by 1 / (1 - p); in evaluation nothing is dropped."""
+    drop = LockedDropout(0.5).train()
+    torch.manual_seed(0)
+    x = torch.ones(4, 7, 64)
+    y = drop(x)
+    assert set(y.unique().tolist()) == {0.0, 2.0}
+    assert torch.equal(y, y[:, :1].expand_as(y))  # the same mask at every step
+    assert not torch.equal(y[0], y[1])  # another for each row
+    assert torch.equal(drop.eval()(x), x)
+    assert torch.equal(LockedDropout(0.0).train()(x), x)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.optim.swa_utils import AveragedModel
 
 from model_store import checkpoint, sampling
-from model_store.cache import mixed_log_probs
+from model_store.cache import mix_terms, text_terms
 from model_store.network import (
     Hidden,
     WordRNN,
@@ -244,6 +244,7 @@ class Trainer:
         self._stop = _StopFlag()
         self._deadline = math.inf  # time.monotonic() at which the time budget ends
         self._last_eval_iteration = -1
+        self._valid_terms: Tensor | None = None  # the text cache's say on the validation text
 
     # ----------------------------------------------------------------------------- set-up
 
@@ -413,12 +414,15 @@ class Trainer:
             parts.append(model.target_log_probs(flat, yb.reshape(-1)).view_as(yb))
         model.train(was_training)
         # Row-major, the rows' targets are the validation text in order: the text cache
-        # (if the model has one) reads it as /score and training.evaluate do.
-        own = torch.cat(parts, dim=1).flatten()
+        # (if the model has one) reads it as /score and training.evaluate do. What it says
+        # depends on the text alone: worked out at the first validation, then kept.
+        own = torch.cat(parts, dim=1).flatten().cpu()
         settings = model.config.cache
-        opens = self.vocab.starts_word()
-        log_probs = mixed_log_probs(settings, y.flatten().tolist(), own.tolist(), opens)
-        return -math.fsum(log_probs) / y.numel()
+        if not settings.enabled:
+            return -float(own.double().sum()) / y.numel()
+        if self._valid_terms is None:
+            self._valid_terms = text_terms(settings, y.flatten().tolist(), self.vocab.starts_word())
+        return -float(mix_terms(own, self._valid_terms).sum()) / y.numel()
 
     @property
     def served(self) -> WordRNN:
