@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.engine import GenerationJob, generate_alone
+from app.text import SampleText
 from model_store import checkpoint
 from model_store.cache import (
     CacheSettings,
@@ -153,6 +154,30 @@ def network_alone(model: WordRNN) -> WordRNN:
     return bare.eval()
 
 
+def sample_of(
+    loaded: checkpoint.Checkpoint,
+    seed: list[int],
+    context: list[str],
+    params: SamplingParams,
+    max_words: int,
+    random_seed: int = 0,
+) -> SampleText:
+    """One sample after ``seed`` (counted by the cache), with each word's log-probability."""
+    job = GenerationJob(
+        seed_ids=seed,
+        context=context,
+        params=params,
+        history=seed,
+        random_seed=random_seed,
+        max_words=max_words,
+        logprobs=0,
+    )
+    vocab = loaded.vocab
+    with torch.inference_mode():
+        (sample,) = generate_alone(loaded.model, vocab, job, vocab.special_ids).samples
+    return sample
+
+
 def test_scores_are_the_networks_mixed_with_the_cache(cached: checkpoint.Checkpoint) -> None:
     vocab = cached.vocab
     ids = vocab.encode_lenient(vocab.split_words(TINY_TEXT))[0][:80]
@@ -169,17 +194,8 @@ def test_generated_words_carry_the_probabilities_they_were_drawn_with(
 ) -> None:
     vocab = cached.vocab
     seed = vocab.encode_lenient(["I", "can", "see", "the", "sea", ".", "I", "can"])[0]
-    job = GenerationJob(
-        seed_ids=seed,
-        context=[vocab.tokens[i] for i in seed],
-        params=SamplingParams(top_k=3),
-        history=seed,
-        random_seed=11,
-        max_words=30,
-        logprobs=0,
-    )
-    with torch.inference_mode():
-        (sample,) = generate_alone(cached.model, vocab, job, vocab.special_ids).samples
+    context = [vocab.tokens[i] for i in seed]
+    sample = sample_of(cached, seed, context, SamplingParams(top_k=3), 30, random_seed=11)
     generated = [vocab.id_of(w) for w in sample.words]
     text = [*seed, *generated]
     own = token_log_probs(network_alone(cached.model), vocab, text).tolist()
@@ -248,17 +264,8 @@ def test_inside_a_word_scoring_and_sampling_take_the_inner_confidence(
 
     words = vocab.split_words(NAMES)[:-3]
     seed, _, _ = vocab.encode_words(words)
-    job = GenerationJob(
-        seed_ids=seed,
-        context=words,
-        params=SamplingParams(top_k=1),
-        history=seed,
-        random_seed=0,
-        max_words=1,
-        logprobs=0,
-    )
+    sample = sample_of(cached_subword, seed, words, SamplingParams(top_k=1), 1)
     with torch.inference_mode():
-        (sample,) = generate_alone(model, vocab, job, vocab.special_ids).samples
 
         def greedy(word_opens: Sequence[bool] | None) -> tuple[str, float]:
             """The first word by hand: the best piece of the mixed distribution until the
