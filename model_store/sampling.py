@@ -349,22 +349,29 @@ def _candidates(p: SamplingParams, vocab_size: int) -> int:
 def _draw(logits: Tensor, params: Sequence[SamplingParams], draws: Tensor, k: int) -> Tensor:
     """One id per row: among the top ``k`` of each row's ranked logits, or among all of them
     unsorted when ``k`` is 0. ``draws`` holds each row's uniform number."""
+    # Each row's own limits, as tensors only where some row needs them: a step's few (B, k)
+    # operations are cheap, and building and applying the tensors was most of their cost.
     if k == 0:
         vals, idx = logits, None
     else:
         vals, idx = logits.topk(k, dim=-1)  # (B, k) sorted descending
-        ks = torch.tensor([min(p.top_k or k, k) for p in params], device=vals.device)
-        vals = vals.masked_fill(torch.arange(k, device=vals.device) >= ks.unsqueeze(1), -torch.inf)
+        ks = [min(p.top_k or k, k) for p in params]
+        if min(ks) < k:
+            limits = torch.tensor(ks, device=vals.device).unsqueeze(1)
+            vals = vals.masked_fill(torch.arange(k, device=vals.device) >= limits, -torch.inf)
     device = vals.device
-    temps = torch.tensor([p.temperature or 1.0 for p in params], device=device).unsqueeze(1)
     # Shift so the best score is 0 before dividing: a tiny temperature then sends the others
     # to -inf instead of overflowing every score to inf.
-    scaled = (vals - vals.amax(dim=-1, keepdim=True)) / temps
-    uniform = torch.tensor([p.uniform for p in params], device=device).unsqueeze(1)
-    scaled = torch.where(uniform & vals.isfinite(), torch.zeros_like(scaled), scaled)
+    scaled = vals - vals.amax(dim=-1, keepdim=True)
+    temps = [p.temperature or 1.0 for p in params]
+    if any(t != 1.0 for t in temps):  # dividing by 1 would change nothing
+        scaled = scaled / torch.tensor(temps, device=device).unsqueeze(1)
+    if any(p.uniform for p in params):
+        uniform = torch.tensor([p.uniform for p in params], device=device).unsqueeze(1)
+        scaled = torch.where(uniform & vals.isfinite(), torch.zeros_like(scaled), scaled)
     weights = scaled.exp()  # (B, K), unnormalised; 0 for the words a row may not pick
-    top_ps = torch.tensor([p.top_p for p in params], device=device).unsqueeze(1)
-    if idx is not None and bool((top_ps < 1).any()):
+    if idx is not None and any(p.top_p < 1 for p in params):
+        top_ps = torch.tensor([p.top_p for p in params], device=device).unsqueeze(1)
         probs = weights / weights.sum(-1, keepdim=True)
         before = probs.cumsum(-1) - probs  # mass of the better-ranked words
         rank = torch.arange(k, device=device).unsqueeze(0)
