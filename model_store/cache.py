@@ -264,7 +264,8 @@ def text_terms(settings: CacheSettings, ids: Sequence[int], opens: Sequence[bool
         probs.append(p)
         cache.add(token)
     weight_t = torch.tensor(weights, dtype=torch.float64)
-    return torch.stack([torch.log1p(-weight_t), torch.log(weight_t * torch.tensor(probs))])
+    prob_t = torch.tensor(probs, dtype=torch.float64)
+    return torch.stack([torch.log1p(-weight_t), torch.log(weight_t * prob_t)])
 
 
 def mix_terms(own: Tensor, terms: Tensor) -> Tensor:
