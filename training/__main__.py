@@ -145,7 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--embed-dim", type=int, help=f"embedding size (default: {d.embed_dim})")
     net.add_argument("--hidden-dim", type=int, help=f"hidden size (default: {d.hidden_dim})")
     net.add_argument("--layers", type=int, help=f"stacked layers (default: {d.layers})")
-    net.add_argument("--dropout", type=float, help=f"dropout (default: {d.dropout})")
+    net.add_argument(
+        "--dropout",
+        type=float,
+        help="dropout of the embeddings and the cell's outputs, one mask per sequence "
+        f"(locked) (default: {d.dropout})",
+    )
     net.add_argument(
         "--tie-weights",
         action=argparse.BooleanOptionalAction,
