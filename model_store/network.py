@@ -155,7 +155,7 @@ class ModelConfig:
 class LockedDropout(nn.Module):
     """Dropout of (B, T, F) activations with one mask per row, the same at every step
     (variational dropout, as in AWD-LSTM): it drops the same features all along a sequence,
-    and draws T times fewer random numbers, which were 10-15% of a CPU training step."""
+    and draws T times fewer random numbers, which on a CPU cost a noticeable part of a step."""
 
     def __init__(self, p: float) -> None:
         super().__init__()

@@ -394,17 +394,17 @@ def generate(
     bos_id: int,
     hidden: Hidden | None = None,
     banned_ids: Sequence[int] = (),
-    first_banned_ids: Sequence[int] = (),
-    should_stop: Callable[[], bool] | None = None,
     opens: Sequence[bool] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[list[int], Hidden]:
     """One row, one word at a time: the lab's ``predict``. Returns the new ids and the state.
 
     With ``hidden`` given (a session), generation continues from it after feeding ``seed_ids``.
     The model's text cache, if it has one, counts ``seed_ids``; the words written move its
-    context on without being counted (`model_store.cache`; ``opens``: which ids open a word).
-    ``first_banned_ids`` are also banned from the first word (a subword model's continuation
-    pieces: the seed's last word is whole). ``should_stop`` is asked before each word; once it
+    context on without being counted (`model_store.cache`). ``opens`` says which ids open a
+    word (`Vocab.starts_word`; None: all of them): the others, a subword model's continuation
+    pieces, are banned from the first word (the seed's last word is whole), and the cache reads
+    words by it. ``should_stop`` is asked before each word; once it
     says yes, the words so far are returned (a training preview must not outlive a Ctrl-C, a
     SIGTERM or the time budget). It draws nothing, so the words are those of a shorter run.
     """
@@ -413,11 +413,12 @@ def generate(
     cache = (
         TextCache(settings, model.config.vocab_size, seed_ids, opens) if settings.enabled else None
     )
+    continuing = [i for i, o in enumerate(opens) if not o] if opens is not None else []
     out: list[int] = []
     for step in range(n_words):
         if should_stop is not None and should_stop():
             break
-        banned = [*banned_ids, *first_banned_ids] if step == 0 else banned_ids
+        banned = [*banned_ids, *continuing] if step == 0 else banned_ids
         logits = next_logits(model, hidden)
         if cache is not None:
             logits = mix_rows(logits, [cache.next_ids()])

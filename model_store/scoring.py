@@ -26,8 +26,8 @@ CHUNK = 256  # positions per output-layer call: bounds the (T, V) tensor
 
 
 def token_log_probs(model: WordRNN, vocab: Vocab, ids: Sequence[int]) -> Tensor:
-    """(T,) natural log-probability of each id given ``<bos>`` and the ids before it: the
-    network's, with the model's text cache mixed in (`model_store.cache`)."""
+    """(T,) natural log-probability of each id given ``<bos>`` and the ids before it, on the
+    CPU: the network's, with the model's text cache mixed in (`model_store.cache`)."""
     device = model.embedding.weight.device
     inputs = torch.tensor([vocab.bos_id, *ids[:-1]], dtype=torch.long, device=device)
     targets = torch.tensor(list(ids), dtype=torch.long, device=device)
@@ -40,11 +40,8 @@ def token_log_probs(model: WordRNN, vocab: Vocab, ids: Sequence[int]) -> Tensor:
                 chunk = features[0, c : c + CHUNK]
                 part = targets[start + c : start + c + chunk.shape[0]]
                 out.append(model.target_log_probs(chunk, part))
-    own = torch.cat(out) if out else torch.zeros(0)
-    if not model.config.cache.enabled:
-        return own
-    mixed = mixed_log_probs(model.config.cache, ids, own.cpu(), vocab.starts_word())
-    return mixed.to(own.dtype)
+    own = torch.cat(out).cpu() if out else torch.zeros(0)
+    return mixed_log_probs(model.config.cache, ids, own, vocab.starts_word()).to(own.dtype)
 
 
 def bits_per_char(log_prob: float, characters: int) -> float:

@@ -511,7 +511,6 @@ class Trainer:
             generator,
             vocab.bos_id,
             banned_ids=vocab.special_ids,
-            first_banned_ids=[i for i, opens in enumerate(vocab.starts_word()) if not opens],
             opens=vocab.starts_word(),
             should_stop=should_stop,
         )
