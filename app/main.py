@@ -30,7 +30,7 @@ from app.middleware import (
 )
 from app.ratelimit import RateLimitMiddleware
 from app.registry import ModelRegistry
-from app.routes import api_router
+from app.routes import include_routes
 from app.sessions import MemorySessionStore, RedisSessionStore, SessionStore
 from app.settings import Settings
 
@@ -130,7 +130,7 @@ def create_app(
     app.state.phase = "loading"
     app.state.metrics = Metrics(app.state)
     install_error_handlers(app)
-    app.include_router(api_router(settings))
+    include_routes(app, settings)
     # The last added runs first: the root path, then CORS (so refusals carry its headers too),
     # the rate limit, the header limit, early refusals when the engine is full, then the body
     # limit; the start-up middleware only sees the lifespan.

@@ -1,4 +1,4 @@
-"""The HTTP routes, one module per resource; `api_router` gathers them.
+"""The HTTP routes, one module per resource; `include_routes` adds them all to the app.
 
 Handlers stay thin: they take a validated body, call `TextService` through their format's
 translation (``app/native.py``, ``app/openai/``, ``app/tgi/``), and return its answer.
@@ -6,7 +6,7 @@ translation (``app/native.py``, ``app/openai/``, ``app/tgi/``), and return its a
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import FastAPI
 
 from app import metrics
 from app.deps import key_required
@@ -24,14 +24,17 @@ from app.routes import (
 from app.settings import Settings
 
 
-def api_router(settings: Settings) -> APIRouter:
-    """Every route of an app with ``settings``: the model routes and ``/metrics`` need an API
-    key when keys are set (see `key_required`)."""
-    router = APIRouter()
-    router.include_router(status.router)
+def include_routes(app: FastAPI, settings: Settings) -> None:
+    """Add every route to ``app`` (with ``settings``): the model routes and ``/metrics`` need
+    an API key when keys are set (see `key_required`).
+
+    Each router is included into the app itself, not gathered into one router first: FastAPI
+    matches a request one level of included routers at a time, and every request would pay
+    for the extra level."""
+    app.include_router(status.router)
     # The playground's page and files hold no data (its API calls carry the key typed into it).
-    router.include_router(playground.router)
-    router.include_router(apidocs.router)  # the API's documentation, open as the schema is
+    app.include_router(playground.router)
+    app.include_router(apidocs.router)  # the API's documentation, open as the schema is
     for protected in (
         metrics.router,
         generate.router,
@@ -42,5 +45,4 @@ def api_router(settings: Settings) -> APIRouter:
         openai.router,
         tgi.router,
     ):
-        router.include_router(protected, dependencies=key_required(settings))
-    return router
+        app.include_router(protected, dependencies=key_required(settings))
