@@ -67,3 +67,19 @@ def test_evaluate_reports_the_int8_figures(
 
 def test_the_setting_offers_exactly_the_quantizations_the_loader_knows() -> None:
     assert get_args(Settings.model_fields["quantize"].annotation) == QUANTIZATIONS
+
+
+def test_int8_rows_move_with_the_rows_that_share_their_step(lstm_run: Path) -> None:
+    """The README's caveat: int8 inputs are quantized with the whole step's batch, so a row's
+    scores depend on the rows beside it (a `random_seed` reproduces a text only when it ran
+    alone); float32 rows do not."""
+    moved = {}
+    for quantize in ("off", "int8"):
+        model = checkpoint.load(lstm_run, "cpu", quantize).model
+        row = torch.linspace(-1, 1, model.config.hidden_dim).unsqueeze(0)
+        with torch.inference_mode():
+            alone = model.logits(row)
+            beside = model.logits(torch.cat([row, 40 * row.flip(1)]))[:1]
+        moved[quantize] = float((alone - beside).abs().max())
+    assert moved["off"] < 1e-5
+    assert moved["int8"] > 1e-3
