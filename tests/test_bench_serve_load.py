@@ -1,10 +1,15 @@
-"""``bench/serve_load.py``'s arithmetic: the server's median time to the first word."""
+"""``bench/serve_load.py``'s time to the first word: the server's median from its metrics, and
+the lean client's own clock."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+from typing import Any
+
 import pytest
 
-from bench.serve_load import first_word_p50
+from bench.serve_load import first_word_p50, time_to_first_word
 
 METRICS = """# HELP wordrnn_time_to_first_word_seconds From arrival to the first word.
 # TYPE wordrnn_time_to_first_word_seconds histogram
@@ -32,3 +37,38 @@ def test_no_streams_no_median() -> None:
         )
         is None
     )
+
+
+async def _stub(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+    """Answer one request as a streaming server would, by its number ``n``: the first a 503,
+    the second a stream without a word, the others a word whose marker is split in two
+    writes 40 ms apart, after 30 ms."""
+    await reader.readuntil(b"\r\n\r\n")
+    if n == 0:
+        writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+    else:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.03)
+        if n > 1:
+            writer.write(b"event: wo")
+            await writer.drain()
+            await asyncio.sleep(0.04)
+            writer.write(b"rd\ndata: {}\n\nevent: done\ndata: {}\n\n")
+    await writer.drain()
+    writer.close()
+
+
+def test_the_stream_client_times_the_first_word_and_counts_failures() -> None:
+    async def run() -> dict[str, Any]:
+        numbers = itertools.count()
+        server = await asyncio.start_server(lambda r, w: _stub(r, w, next(numbers)), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            return await time_to_first_word(f"http://127.0.0.1:{port}", 3, 8)
+
+    out = asyncio.run(run())
+    assert out["streams"] == 8
+    assert out["errors"] == 2  # the 503 and the stream without a word; split markers found
+    assert out["first_word_p50_ms"] >= 70
+    assert out["stream_p50_ms"] >= out["first_word_p50_ms"]
