@@ -272,7 +272,8 @@ async def time_to_first_word(url: str, concurrency: int, count: int) -> dict[str
     a stream ends with the connection), written and read as bytes on asyncio's streams, the
     clock stopped at the first ``event: word``. An HTTP library parsing 64 streams in Python
     on the same two cores measured mostly itself: several times the server's own figure."""
-    host, port = urlsplit(url).hostname or "127.0.0.1", urlsplit(url).port or 80
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
     payload = json.dumps({**BODY, "stream": True}).encode()
     request = (
         f"POST /generate HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
