@@ -450,6 +450,24 @@ def _report(summary: Summary) -> str:
     )
 
 
+def _train(args: argparse.Namespace, ctx: DistContext, device: torch.device) -> Summary:
+    """Build the trainer and run it. The trainer (and the DDP wrapper holding the process
+    group) lives only in this frame, so it is gone before the group is torn down."""
+    reporter = ConsoleReporter() if not args.quiet and ctx.is_main else None
+    start = resume_run if args.resume else new_run
+    trainer = start(args, reporter, ctx, device)
+    if not args.quiet and ctx.is_main:
+        n = sum(p.numel() for p in trainer.model.parameters())
+        print(
+            f"{len(trainer.vocab):,} tokens in the vocabulary, "
+            f"{trainer.dataset.train_ids.numel():,} training and "
+            f"{trainer.dataset.valid_ids.numel():,} validation tokens, {n:,} parameters, "
+            f"device {trainer.device}",
+            file=sys.stderr,
+        )
+    return trainer.run()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -457,19 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     summary: Summary | None = None
     try:
         ctx, device = distributed.setup(args.device)
-        reporter = ConsoleReporter() if not args.quiet and ctx.is_main else None
-        start = resume_run if args.resume else new_run
-        trainer = start(args, reporter, ctx, device)
-        if not args.quiet and ctx.is_main:
-            n = sum(p.numel() for p in trainer.model.parameters())
-            print(
-                f"{len(trainer.vocab):,} tokens in the vocabulary, "
-                f"{trainer.dataset.train_ids.numel():,} training and "
-                f"{trainer.dataset.valid_ids.numel():,} validation tokens, {n:,} parameters, "
-                f"device {trainer.device}",
-                file=sys.stderr,
-            )
-        summary = trainer.run()
+        summary = _train(args, ctx, device)
     except _FollowerExit:
         return 2
     except (

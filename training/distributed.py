@@ -15,6 +15,7 @@ GPUs (one per rank: ``cuda:LOCAL_RANK``).
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -109,8 +110,12 @@ def setup(device_name: str) -> tuple[DistContext, torch.device]:
 
 def teardown(ctx: DistContext, clean: bool) -> None:
     """Leave the process group. After a clean run every rank waits for the others first:
-    destroying the group while a peer still works aborts the process (gloo)."""
+    destroying the group while a peer still works aborts the process (gloo). The DDP wrapper
+    must be gone by then (collected here): one left to the interpreter's exit destroys the
+    group's worker threads unjoined, and the process aborts ("terminate called without an
+    active exception")."""
     if ctx.enabled and dist.is_initialized():
+        gc.collect()
         if clean:
             dist.barrier()
         dist.destroy_process_group()
