@@ -78,7 +78,7 @@ def test_a_diverging_run_stops_every_process_with_one_message(
     tiny_corpus: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "r"
-    proc = torchrun("--corpus", str(tiny_corpus), "--out", str(out), "--lr", "1e30", *ARGS)
+    proc = torchrun("--corpus", str(tiny_corpus), "--out", str(out), "--lr", "1e38", *ARGS)
     assert proc.returncode != 0
     assert proc.stderr.count("error: training diverged at iteration ") == 1, proc.stderr
     assert "lost its peers" not in proc.stderr  # every rank stopped at the same step
