@@ -77,6 +77,18 @@ def test_prime_of_rows_of_different_lengths_equals_each_row_alone(cell: str, lay
 
 
 @CELL_AND_LAYERS
+def test_rows_of_one_length_feed_as_when_packed_with_another(cell: str, layers: int) -> None:
+    model = make_model(cell=cell, layers=layers)
+    seeds = [[2, 3, 4], [5, 6, 7], [8, 9, 10]]
+    packed = feed(model, [*seeds, [11]])  # lengths differ: the packed pass
+    assert_same_hidden(feed(model, seeds), hidden_select(packed, [0, 1, 2]))
+    start = prime(model, [[4], [5], [6], [7]], BOS)  # and on top of states
+    packed = feed(model, [*seeds, [11]], start)
+    on_states = feed(model, seeds, hidden_select(start, [0, 1, 2]))
+    assert_same_hidden(on_states, hidden_select(packed, [0, 1, 2]))
+
+
+@CELL_AND_LAYERS
 def test_prime_equals_feeding_the_words_one_by_one(cell: str, layers: int) -> None:
     model = make_model(cell=cell, layers=layers)
     hidden = model.init_hidden(1)
