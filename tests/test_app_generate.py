@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.main import create_app
+from app.schemas import MAX_RANDOM_SEED
+from app.serving import RandomSeeds
 from model_store.vocab import tokenize
 from tests.app_helpers import Replay, longest_copy, settings_for
 from tests.conftest import TINY_TEXT, MakeRun
@@ -51,6 +54,25 @@ def test_server_picks_a_seed_that_reproduces_the_text(client: TestClient) -> Non
     again = generate(client, seed_words="the sea", max_words=30, random_seed=seed)
     assert again["text"] == first["text"]
     assert generate(client, seed_words="the sea", max_words=30)["random_seed"] != seed
+
+
+def test_server_seeds_cover_the_whole_range_and_cost_one_system_call_a_block(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    draws: list[int] = []
+    real = os.urandom
+
+    def urandom(size: int) -> bytes:
+        draws.append(size)
+        return b"\xff" * 8 + real(size - 8)
+
+    monkeypatch.setattr("app.serving.os.urandom", urandom)
+    seeds = RandomSeeds()
+    taken = [seeds() for _ in range(RandomSeeds.BLOCK + 1)]
+    assert len(draws) == 2  # one block, then the next
+    assert MAX_RANDOM_SEED in taken  # all 53 bits used, none past the limit
+    assert all(0 <= s <= MAX_RANDOM_SEED for s in taken)
+    assert len(set(taken)) == len(taken)
 
 
 @settings(max_examples=25, deadline=None)
