@@ -29,7 +29,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.engine.scheduler import EngineStats
+from app.engine import SECONDS_BUCKETS, Durations, EngineStats
 from app.routes.docs import errors
 from model_store.network import count_parameters
 
@@ -53,6 +53,17 @@ ENGINE_METRICS: dict[str, tuple[str, str, str]] = {
     "steps_total": ("counter", "engine_steps", "Batched model steps run."),
     "rows_stepped_total": ("counter", "engine_rows_stepped", "Rows advanced by a step, summed."),
     "step_batch_sizes": ("histogram", "engine_step_batch_size", "Rows per batched model step."),
+    "queue_wait_seconds": (
+        "seconds",
+        "engine_queue_wait_seconds",
+        "How long a generation waited in the queue before it started.",
+    ),
+    "round_seconds": (
+        "seconds",
+        "engine_round_seconds",
+        "Rounds of the batched engine: the seed words of the requests that join fed, then "
+        "one step of every row (a stream's first word takes a few).",
+    ),
     "generations": ("counter", "engine_generations", "Generations run (the warm-up included)."),
     "words": ("counter", "generated_words", "Words generated, all samples together."),
     "cancelled": ("counter", "engine_cancelled", "Generations stopped before their end."),
@@ -73,6 +84,19 @@ def _batch_histogram(
     total = float(sum(size * n for size, n in tally.items()))
     family = HistogramMetricFamily(name, doc, labels=list(labels))
     family.add_metric(list(labels.values()), buckets, total)
+    return family
+
+
+def _seconds_histogram(
+    name: str, doc: str, durations: Durations, labels: Mapping[str, str]
+) -> HistogramMetricFamily:
+    """The engine's `Durations` (a count per bucket) as a histogram (counts up to each bound)."""
+    buckets, seen = [], 0
+    for bound, count in zip((*SECONDS_BUCKETS, float("inf")), durations.counts, strict=True):
+        seen += count
+        buckets.append(("+Inf" if bound == float("inf") else str(float(bound)), seen))
+    family = HistogramMetricFamily(name, doc, labels=list(labels))
+    family.add_metric(list(labels.values()), buckets, durations.total)
     return family
 
 
@@ -201,6 +225,8 @@ class ServiceCollector(Collector):
             value, full = getattr(stats, key), f"{PREFIX}_{name}"
             if kind == "histogram":
                 yield _batch_histogram(full, doc, value, labels)
+            elif kind == "seconds":
+                yield _seconds_histogram(full, doc, value, labels)
             elif kind == "counter":
                 yield _one(CounterMetricFamily, full, doc, value, labels)
             else:

@@ -1,4 +1,4 @@
-"""``bench/serve_load.py``'s time to the first word: the server's median from its metrics, and
+"""``bench/serve_load.py``'s time to the first word: the server's medians from its metrics, and
 the lean client's own clock."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from bench.serve_load import first_word_p50, time_to_first_word
+from bench.serve_load import first_word_p50, histogram, median_ms, since, time_to_first_word
 
 METRICS = """# HELP wordrnn_time_to_first_word_seconds From arrival to the first word.
 # TYPE wordrnn_time_to_first_word_seconds histogram
@@ -37,6 +37,22 @@ def test_no_streams_no_median() -> None:
         )
         is None
     )
+
+
+def test_a_stage_is_measured_by_what_its_histograms_gained() -> None:
+    name = "wordrnn_engine_round_seconds"
+    before = f"""# TYPE {name} histogram
+{name}_bucket{{le="0.005",model="default"}} 90.0
+{name}_bucket{{le="0.01",model="default"}} 100.0
+{name}_bucket{{le="+Inf",model="default"}} 100.0
+"""
+    after = before.replace(" 100.0", " 140.0")
+    # The 40 rounds of the stage all took 5-10 ms: an earlier load's 90 faster ones are gone.
+    stage = since(histogram(after, name, model="default"), histogram(before, name))
+    assert stage == [(0.005, 0.0), (0.01, 40.0), (float("inf"), 40.0)]
+    assert median_ms(stage) == pytest.approx(7.5)
+    assert median_ms(histogram(after, name)) == pytest.approx(5 * 70 / 90)
+    assert histogram(after, name, model="other") == []
 
 
 async def _stub(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:

@@ -425,6 +425,9 @@ def test_stats_name_what_metrics_read(tiny_run: Path) -> None:
     assert stats.recent_batch_sizes == [1, 1, 2, 2, 2]
     assert stats.generations == 2
     assert stats.words == 8
+    assert sum(stats.queue_wait_seconds.counts) == 2  # each generation's wait, once
+    assert sum(stats.round_seconds.counts) == 5  # a round each step: none here was empty
+    assert 0 < stats.round_seconds.total < 60
 
 
 def test_an_unknown_engine_is_refused(tiny_run: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.engine import EngineStats
+from app.engine import SECONDS_BUCKETS, Durations, EngineStats
 from app.main import create_app
 from app.metrics import ENGINE_METRICS, ServiceCollector
 from tests.app_helpers import settings_for
@@ -111,7 +111,7 @@ def test_every_engine_statistic_is_exported(client: TestClient) -> None:
             continue
         kind, name, _ = ENGINE_METRICS[field.name]
         full = f"wordrnn_{name}" + ("_total" if kind == "counter" else "")
-        if kind == "histogram":
+        if kind in ("histogram", "seconds"):
             full += "_count"
         assert full in names, (field.name, sorted(names))
     info = value(samples, "wordrnn_engine_info", model=service.name, engine=stats.engine)
@@ -158,6 +158,9 @@ def test_engine_stats_become_gauges_counters_and_a_batch_size_histogram() -> Non
         rows_stepped_total=130,
         step_batch_sizes={1: 10, 4: 20, 5: 10},
         recent_batch_sizes=[4, 4, 5],
+        # 2 waits up to 0.5 ms, 3 up to 25 ms, 1 past 10 s
+        queue_wait_seconds=Durations([2, *[0] * 4, 3, *[0] * 8, 1], 11.5),
+        round_seconds=Durations(),
         generations=7,
         words=125,
         cancelled=0,
@@ -182,5 +185,14 @@ def test_engine_stats_become_gauges_counters_and_a_batch_size_histogram() -> Non
     assert buckets["+Inf"] == 40
     total = [s.value for s in histogram.samples if s.name.endswith("_sum")]
     assert total == [1 * 10 + 4 * 20 + 5 * 10]
+    waits = families["wordrnn_engine_queue_wait_seconds"]
+    assert waits.type == "histogram"
+    buckets = {s.labels["le"]: s.value for s in waits.samples if s.name.endswith("_bucket")}
+    assert list(buckets) == [*(str(float(b)) for b in SECONDS_BUCKETS), "+Inf"]
+    assert (buckets["0.0005"], buckets["0.01"], buckets["0.025"], buckets["10.0"]) == (2, 2, 5, 5)
+    assert buckets["+Inf"] == 6
+    assert [s.value for s in waits.samples if s.name.endswith("_sum")] == [11.5]
+    rounds = families["wordrnn_engine_round_seconds"]
+    assert [s.value for s in rounds.samples if s.name.endswith("_count")] == [0]
     assert families["wordrnn_engine"].samples[0].labels == {"model": "m", "engine": "batched"}
     assert not any("engine_engine" in name or "recent" in name for name in families)

@@ -27,7 +27,9 @@ from app.engine.handles import (
 )
 from app.engine.scheduler import (
     ENGINES,
+    SECONDS_BUCKETS,
     BatchedEngine,
+    Durations,
     Engine,
     EngineStats,
     NaiveEngine,
@@ -36,8 +38,10 @@ from app.engine.scheduler import (
 
 __all__ = [
     "ENGINES",
+    "SECONDS_BUCKETS",
     "Batch",
     "BatchedEngine",
+    "Durations",
     "Engine",
     "EngineBusy",
     "EngineClosed",

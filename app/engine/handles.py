@@ -101,9 +101,10 @@ Outcome = GenerationResult | BaseException
 class Generation:
     """A submitted generation, seen from the event loop: its words as they come, its result."""
 
-    def __init__(self, job: GenerationJob, deadline: float | None) -> None:
+    def __init__(self, job: GenerationJob, deadline: float | None, queued_at: float = 0.0) -> None:
         self.job = job
         self.deadline = deadline
+        self.queued_at = queued_at  # on the engine's clock
         self._cancelled = False  # read by the inference thread at each step
         self._events: asyncio.Queue[WordEvent | None] = asyncio.Queue()
         self._future: asyncio.Future[GenerationResult] = asyncio.get_running_loop().create_future()

@@ -14,7 +14,11 @@ so it keeps answering (``/healthz``) while the model works. Three engines share 
 
 Admission is bounded: with ``max_pending`` requests queued or running, `Engine.submit` raises
 `EngineBusy` at once instead of letting latency grow. `Engine.stats` gives the queue length,
-the active rows and the step batch sizes for metrics. A request whose own part fails ends
+the active rows, the step batch sizes, how long generations waited in the queue and how long
+the batched engine's rounds take, for metrics: a stream's first word comes after its wait,
+one round that feeds its seed words and draws its first token, and as many rounds more as the
+first word has tokens (and one more for a subword model, whose word ends only when the next
+one begins). A request whose own part fails ends
 alone (`GenerationFailed`), and the thread keeps serving the others.
 """
 
@@ -26,9 +30,10 @@ import contextlib
 import logging
 import threading
 import time
+from bisect import bisect_left
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -62,6 +67,26 @@ T = TypeVar("T")
 Clock = Callable[[], float]
 
 RECENT_STEPS = 1024  # step batch sizes kept for stats()
+# Upper bounds of the durations kept, in seconds: from a round on an idle machine (under a
+# millisecond) to a wait in a queue under a flood.
+SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+@dataclass
+class Durations:
+    """Durations counted in `SECONDS_BUCKETS` (one count each: at most that bound and over
+    the one before; the last, over them all) and their sum: a histogram that the inference
+    thread keeps and `Engine.stats` copies, under the engine's lock."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(SECONDS_BUCKETS) + 1))
+    total: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(SECONDS_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def copy(self) -> Durations:
+        return Durations(list(self.counts), self.total)
 
 
 @dataclass
@@ -94,6 +119,8 @@ class EngineStats:
     rows_stepped_total: int
     step_batch_sizes: dict[int, int]  # rows in a step -> steps run at that size
     recent_batch_sizes: list[int]  # the last steps' sizes, oldest first
+    queue_wait_seconds: Durations  # from submit to the start of a generation
+    round_seconds: Durations  # the batched engine's rounds: joining requests fed, one step
     generations: int
     words: int
     cancelled: int
@@ -154,6 +181,8 @@ class Engine:
         self._active_requests = 0
         self._sizes: Counter[int] = Counter()  # step batch size -> steps
         self._recent: deque[int] = deque(maxlen=RECENT_STEPS)
+        self._waits = Durations()
+        self._rounds = Durations()
         # The inference thread's own: deliveries for the event loop, sent once per step.
         self._outbox: list[Callable[[], None]] = []
         self._main: concurrent.futures.Future[None] | None = None
@@ -256,6 +285,8 @@ class Engine:
                 rows_stepped_total=c.rows_stepped,
                 step_batch_sizes=dict(sorted(self._sizes.items())),
                 recent_batch_sizes=list(self._recent),
+                queue_wait_seconds=self._waits.copy(),
+                round_seconds=self._rounds.copy(),
                 generations=c.generations,
                 words=c.words,
                 cancelled=c.cancelled,
@@ -286,7 +317,8 @@ class Engine:
     def submit(self, job: GenerationJob) -> Generation:
         """Queue a generation; raises EngineBusy when the queue is full, EngineClosed when
         the engine is stopping. Its deadline is ``timeout_seconds`` from now."""
-        generation = Generation(job, self._clock() + self.timeout_seconds)
+        now = self._clock()
+        generation = Generation(job, now + self.timeout_seconds, queued_at=now)
         with self._cond:
             self._admit()
             self._waiting.append(generation)
@@ -350,6 +382,10 @@ class Engine:
             self._calls.clear()
             self._drop_waiting()
             joining = self._take()
+            if joining:
+                now = self._clock()
+                for generation in joining:
+                    self._waits.observe(now - generation.queued_at)
         for call in calls:
             self._run_call(call)
         self._work(joining)
@@ -503,8 +539,16 @@ class BatchedEngine(Engine):
         return joining
 
     def _work(self, joining: list[Generation]) -> None:
+        if not (joining or self.batch.size):
+            return
+        started = self._clock()
+        self._round(joining, started)
+        seconds = self._clock() - started
+        with self._cond:
+            self._rounds.observe(seconds)
+
+    def _round(self, joining: list[Generation], now: float) -> None:
         batch = self.batch
-        now = self._clock()
         gone: dict[Generation, BaseException] = {}
         for key in batch.keys:
             assert isinstance(key, Generation)
