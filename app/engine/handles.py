@@ -101,7 +101,7 @@ Outcome = GenerationResult | BaseException
 class Generation:
     """A submitted generation, seen from the event loop: its words as they come, its result."""
 
-    def __init__(self, job: GenerationJob, deadline: float | None, queued_at: float = 0.0) -> None:
+    def __init__(self, job: GenerationJob, deadline: float | None, *, queued_at: float) -> None:
         self.job = job
         self.deadline = deadline
         self.queued_at = queued_at  # on the engine's clock
