@@ -16,10 +16,10 @@ Admission is bounded: with ``max_pending`` requests queued or running, `Engine.s
 `EngineBusy` at once instead of letting latency grow. `Engine.stats` gives the queue length,
 the active rows, the step batch sizes, how long generations waited in the queue and how long
 the batched engine's rounds take, for metrics: a stream's first word comes after its wait,
-one round that feeds its seed words and draws its first token, and as many rounds more as the
-first word has tokens (and one more for a subword model, whose word ends only when the next
-one begins). A request whose own part fails ends
-alone (`GenerationFailed`), and the thread keeps serving the others.
+one round that feeds its seed words and draws the word's first token, one more for each of
+its other tokens and, for a subword model, one more whose token opens the next word (a word
+ends only when the next one begins). A request whose own part fails ends alone
+(`GenerationFailed`), and the thread keeps serving the others.
 """
 
 from __future__ import annotations
