@@ -11,9 +11,11 @@ active sessions, load time, reloads and refused reloads, and its engine's own co
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -73,31 +75,33 @@ ENGINE_METRICS: dict[str, tuple[str, str, str]] = {
 }
 
 
-def _batch_histogram(
-    name: str, doc: str, tally: Mapping[int, int], labels: Mapping[str, str]
+def _histogram(
+    name: str, doc: str, below: Iterable[tuple[float, int]], total: float, labels: Mapping[str, str]
 ) -> HistogramMetricFamily:
-    """``{size: steps}`` as a histogram of rows per step."""
-    buckets = []
-    for bound in BATCH_BUCKETS:
-        buckets.append((str(float(bound)), sum(n for size, n in tally.items() if size <= bound)))
-    buckets.append(("+Inf", sum(tally.values())))
-    total = float(sum(size * n for size, n in tally.items()))
+    """A histogram from ``below``: (upper bound, observations up to it), the last bound inf."""
+    buckets = [("+Inf" if bound == math.inf else str(float(bound)), n) for bound, n in below]
     family = HistogramMetricFamily(name, doc, labels=list(labels))
     family.add_metric(list(labels.values()), buckets, total)
     return family
 
 
+def _batch_histogram(
+    name: str, doc: str, tally: Mapping[int, int], labels: Mapping[str, str]
+) -> HistogramMetricFamily:
+    """``{size: steps}`` as a histogram of rows per step."""
+    below = [
+        (bound, sum(n for size, n in tally.items() if size <= bound))
+        for bound in (*BATCH_BUCKETS, math.inf)
+    ]
+    return _histogram(name, doc, below, float(sum(size * n for size, n in tally.items())), labels)
+
+
 def _seconds_histogram(
     name: str, doc: str, durations: Durations, labels: Mapping[str, str]
 ) -> HistogramMetricFamily:
-    """The engine's `Durations` (a count per bucket) as a histogram (counts up to each bound)."""
-    buckets, seen = [], 0
-    for bound, count in zip((*SECONDS_BUCKETS, float("inf")), durations.counts, strict=True):
-        seen += count
-        buckets.append(("+Inf" if bound == float("inf") else str(float(bound)), seen))
-    family = HistogramMetricFamily(name, doc, labels=list(labels))
-    family.add_metric(list(labels.values()), buckets, durations.total)
-    return family
+    """The engine's `Durations` (a count per bucket) as a histogram."""
+    below = zip((*SECONDS_BUCKETS, math.inf), itertools.accumulate(durations.counts), strict=True)
+    return _histogram(name, doc, below, durations.total, labels)
 
 
 def _one(

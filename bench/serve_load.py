@@ -367,29 +367,25 @@ def since(
     return [(bound, count - earlier.get(bound, 0.0)) for bound, count in after]
 
 
-def first_word_p50(text: str) -> float | None:
-    """The median of ``/generate``'s ``time_to_first_word`` histogram, in ms: from a stream
-    request's arrival to its first event, the client's share left out."""
-    return median_ms(histogram(text, "wordrnn_time_to_first_word_seconds", route="/generate"))
-
-
-ENGINE_TIMES = {  # the engine's histograms, for where a stream's first word waits
-    "server_queue_wait_p50_ms": "wordrnn_engine_queue_wait_seconds",
-    "server_round_p50_ms": "wordrnn_engine_round_seconds",
+# The server's medians of a stream stage: metric -> the histogram and the series read.
+SERVER_TIMES = {
+    "server_first_word_p50_ms": ("wordrnn_time_to_first_word_seconds", {"route": "/generate"}),
+    "server_queue_wait_p50_ms": ("wordrnn_engine_queue_wait_seconds", {}),
+    "server_round_p50_ms": ("wordrnn_engine_round_seconds", {}),
 }
 
 
 def stream_stage(url: str, requests: int) -> dict[str, Any]:
-    """`time_to_first_word` at concurrency 64, with the server's own medians of the stage:
-    the first word, the engine's queue waits and its rounds (those histograms' observations
-    during the stage: the loads before it left theirs)."""
-    scrape = lambda: httpx.get(f"{url}/metrics", timeout=30).text  # noqa: E731
-    before = scrape()
+    """`time_to_first_word` at concurrency 64, with the server's own medians of the stage
+    (`SERVER_TIMES`): its histograms' observations during the stage, the loads before it
+    left out. The first word is timed from the request's arrival: the client's share left
+    out."""
+    before = httpx.get(f"{url}/metrics", timeout=30).text
     out = asyncio.run(time_to_first_word(url, 64, requests))
-    after = scrape()
-    out["server_first_word_p50_ms"] = first_word_p50(after)
-    for key, name in ENGINE_TIMES.items():
-        out[key] = median_ms(since(histogram(after, name), histogram(before, name)))
+    after = httpx.get(f"{url}/metrics", timeout=30).text
+    for key, (name, labels) in SERVER_TIMES.items():
+        gained = since(histogram(after, name, **labels), histogram(before, name, **labels))
+        out[key] = median_ms(gained)
     return out
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from bench.serve_load import first_word_p50, histogram, median_ms, since, time_to_first_word
+from bench.serve_load import histogram, median_ms, since, time_to_first_word
 
 METRICS = """# HELP wordrnn_time_to_first_word_seconds From arrival to the first word.
 # TYPE wordrnn_time_to_first_word_seconds histogram
@@ -22,6 +22,10 @@ wordrnn_time_to_first_word_seconds_sum{route="/generate"} 4.0
 wordrnn_time_to_first_word_seconds_bucket{le="0.025",route="/v1/completions"} 0.0
 wordrnn_time_to_first_word_seconds_bucket{le="+Inf",route="/v1/completions"} 0.0
 """
+
+
+def first_word_p50(text: str) -> float | None:
+    return median_ms(histogram(text, "wordrnn_time_to_first_word_seconds", route="/generate"))
 
 
 def test_the_median_is_interpolated_within_its_bucket() -> None:

@@ -40,6 +40,7 @@ from model_store.checkpoint import Checkpoint
 from model_store.copies import CopyGuard
 from model_store.network import hidden_parts
 from model_store.sampling import Draws, SamplingParams, prime
+from model_store.subword import NEWLINE
 from tests.app_helpers import Gate
 from tests.conftest import build_run
 
@@ -403,6 +404,39 @@ def test_concurrent_generations_are_stepped_together(
     loaded = checkpoint.load(tiny_run, "cpu")
     for got, generation in zip(results, jobs, strict=True):
         assert got.samples == run_alone(loaded, generation)[0].samples
+
+
+@pytest.mark.parametrize("tokenizer", ["words", "subword"])
+def test_a_first_word_takes_a_round_per_token_and_one_more_on_a_subword_model(
+    tmp_path: Path, tokenizer: str
+) -> None:
+    """As `app.engine.scheduler` and the README say: the round that joins draws the first
+    token, one round each draws the word's other tokens, and on a subword model the word is
+    released by the round whose token opens the next one (a line break ends at once)."""
+    loaded = checkpoint.load(build_run(tmp_path / "run", tokenizer=tokenizer))
+    vocab = loaded.vocab
+    seed = vocab.split_words("the sea")
+    batch = Batch(loaded.model, vocab, vocab.special_ids)
+    with torch.inference_mode():
+        for random_seed in range(20):
+            job = GenerationJob(
+                seed_ids=vocab.encode_words(seed)[0],
+                context=seed,
+                params=SamplingParams(),
+                random_seed=random_seed,
+                max_words=5,
+                stream=True,
+            )
+            batch.join([("job", job)])
+            text = batch.rows[0].seq.texts[0]
+            rounds, events = 0, []
+            while not events:
+                rounds += 1
+                events = [event for update in batch.step() for event in update.events]
+            first = events[0].word
+            later = tokenizer == "subword" and first != NEWLINE
+            assert rounds == text.kept_tokens + later, (first, rounds)
+            batch.clear()
 
 
 def test_stats_name_what_metrics_read(tiny_run: Path) -> None:
