@@ -82,29 +82,22 @@ class TextCache:
     def __init__(
         self,
         settings: CacheSettings,
-        vocab_size: int | None = None,
         ids: Iterable[int] = (),
         opens: Sequence[bool] | None = None,
     ) -> None:
-        """``vocab_size`` is needed for `next_ids` only (the sampler's dense rows); ``opens``
-        says which ids open a word (`Vocab.starts_word`), None that every id does."""
+        """``opens`` says which ids open a word (`Vocab.starts_word`), None that every id
+        does."""
         self.settings = settings
         self._opens = opens if settings.inner_confidence is not None else None
         self.counted = 0
         # context (the ids before, oldest first; () for order 0) -> followers and their counts
         self._followers: dict[tuple[int, ...], Counter[int]] = {(): Counter()}
         self._totals: Counter[tuple[int, ...]] = Counter()
-        self._unigram: Tensor | None = None
+        self._unigram: tuple[Tensor, Tensor] | None = None  # see _unigram_counts
         self._recent: tuple[int, ...] = ()  # the last ``order`` ids
         self._next: list[tuple[int, ...]] | None = [()]  # see _current
         for i in ids:
             self.add(i)
-        if vocab_size is not None:  # c(w) as a dense row, which the sampler adds to a batch row
-            counts = self._followers[()]
-            self._unigram = torch.zeros(vocab_size).index_put_(
-                (torch.tensor(list(counts), dtype=torch.long),),
-                torch.tensor(list(counts.values()), dtype=torch.float),
-            )
 
     def _contexts(self, recent: tuple[int, ...]) -> list[tuple[int, ...]]:
         """(), then the last 1, 2, ... ``order`` ids of ``recent``."""
@@ -125,8 +118,7 @@ class TextCache:
                 followers = self._followers[ctx] = Counter()
             followers[token] += 1
             self._totals[ctx] += 1
-        if self._unigram is not None:
-            self._unigram[token] += 1
+        self._unigram = None
         self.counted += 1
         self.follow(token)
 
@@ -192,7 +184,6 @@ class TextCache:
     def next_ids(self, after: Sequence[int] = ()) -> NextIds | None:
         """The cache's say on the next id (after ``after`` more ids, followed), for
         `mix_rows`; None when it has none."""
-        assert self._unigram is not None, "a TextCache made without vocab_size"
         if not after and not self._totals.get(self._recent[-1:]):
             return None  # the last id never came before: asked of every row at every step
         weight, terms = self.terms(after)
@@ -203,52 +194,75 @@ class TextCache:
         for a, followers in terms[1:]:
             ids += followers.keys()
             values += [a * count for count in followers.values()]
-        return NextIds(weight, self._unigram, terms[0][0], ids, values)
+        return NextIds(weight, *self._unigram_counts(), terms[0][0], ids, values)
+
+    def _unigram_counts(self) -> tuple[Tensor, Tensor]:
+        """The ids counted and their counts, as tensors: a sample counts no words of its own,
+        so they are made once for all its steps (and again only after an `add`)."""
+        if self._unigram is None:
+            counts = self._followers[()]
+            self._unigram = (
+                torch.tensor(list(counts), dtype=torch.long),
+                torch.tensor(list(counts.values()), dtype=torch.float),
+            )
+        return self._unigram
 
 
 @dataclass(frozen=True)
 class NextIds:
-    """A cache's distribution of the next id, ``scale * unigram`` plus ``values`` at ``ids``
-    (the higher orders' counts, already weighted), and its share ``weight`` of the mixture."""
+    """A cache's distribution of the next id, ``scale`` times the ``counts`` of the ids
+    counted (``counted``) plus ``values`` at ``ids`` (the higher orders' counts, already
+    weighted), and its share ``weight`` of the mixture."""
 
     weight: float
-    unigram: Tensor  # (V,) counts of the ids so far
+    counted: Tensor  # (K,) the ids of the text so far, each once
+    counts: Tensor  # (K,) how often each came
     scale: float
     ids: list[int]
     values: list[float]
 
 
-def stack(nexts: Sequence[NextIds]) -> tuple[Tensor, Tensor]:
-    """(N, 1) weights and (N, V) distributions of ``nexts``: a few tensor operations for all
-    rows of a batch, whatever their number."""
+def stack(nexts: Sequence[NextIds]) -> tuple[Tensor, Tensor, Tensor]:
+    """(N, 1) weights, the (C,) ids that any of ``nexts`` gives a probability, and (N, C)
+    those probabilities: a few tensor operations for all rows of a batch, whatever their
+    number, and none over the whole vocabulary (the cache knows only the ids of its text)."""
     weights = torch.tensor([n.weight for n in nexts]).unsqueeze(1)
-    scales = torch.tensor([n.scale for n in nexts]).unsqueeze(1)
-    dense = torch.stack([n.unigram for n in nexts]) * scales
-    rows = [row for row, n in enumerate(nexts) for _ in n.ids]
-    if rows:
-        at = (torch.tensor(rows), torch.tensor([i for n in nexts for i in n.ids]))
-        values = torch.tensor([v for n in nexts for v in n.values], dtype=dense.dtype)
-        dense.index_put_(at, values, accumulate=True)
-    return weights, dense
+    sizes = torch.tensor([len(n.counted) for n in nexts])
+    scales = torch.tensor([n.scale for n in nexts]).repeat_interleave(sizes)
+    rows = torch.arange(len(nexts)).repeat_interleave(sizes)
+    ids = torch.cat([n.counted for n in nexts])
+    values = torch.cat([n.counts for n in nexts]) * scales
+    higher = [row for row, n in enumerate(nexts) for _ in n.ids]
+    if higher:
+        rows = torch.cat([rows, torch.tensor(higher)])
+        ids = torch.cat([ids, torch.tensor([i for n in nexts for i in n.ids])])
+        values = torch.cat([values, torch.tensor([v for n in nexts for v in n.values])])
+    cols, at = torch.unique(ids, return_inverse=True)
+    # Accumulated in order, each row's scaled count first: the sums a dense row would hold.
+    probs = torch.zeros(len(nexts), len(cols)).index_put_((rows, at), values, accumulate=True)
+    return weights, cols, probs
 
 
 def mix_rows(scores: Tensor, nexts: Sequence[NextIds | None]) -> Tensor:
     """(B, V) next-id ``scores`` (logits or log-probabilities) with each row's cache mixed in
     (``nexts[i]``, or None for a row without one): log-probabilities for the rows whose cache
-    has a say, the rows as they were otherwise."""
+    has a say, the rows as they were otherwise. Float32 ``scores`` are changed in place and
+    returned (callers pass the model's fresh output): copying all B rows to change a few
+    cost more than the mixing."""
     rows = [row for row, n in enumerate(nexts) if n is not None]
     if not rows:
         return scores
-    weights, dense = stack([n for n in nexts if n is not None])
+    weights, cols, probs = stack([n for n in nexts if n is not None])
     device = scores.device
-    index = torch.tensor(rows, device=device)
-    lam, dense = weights.to(device), dense.to(device)
-    mixed = torch.log_softmax(scores[index].float(), dim=-1) + torch.log1p(-lam)
-    # The cache's ids are the few the given text holds: the logarithms are taken there only.
-    cols = dense.sum(0).nonzero().squeeze(1)
-    cached = torch.log(dense.index_select(1, cols) * lam)
-    mixed.index_copy_(1, cols, torch.logaddexp(mixed.index_select(1, cols), cached))
-    return scores.float().index_copy(0, index, mixed)
+    index, cols = torch.tensor(rows, device=device), cols.to(device)
+    lam, probs = weights.to(device), probs.to(device)
+    with torch.inference_mode():
+        out = scores.float()
+        mixed = torch.log_softmax(out[index], dim=-1) + torch.log1p(-lam)
+        # The cache's ids are the few the given text holds: the logarithms are taken there.
+        cached = torch.log(probs * lam)
+        mixed.index_copy_(1, cols, torch.logaddexp(mixed.index_select(1, cols), cached))
+        return out.index_copy_(0, index, mixed)
 
 
 def text_terms(settings: CacheSettings, ids: Sequence[int], opens: Sequence[bool] | None) -> Tensor:

@@ -416,9 +416,7 @@ def generate(
     """
     hidden = start_state(model, seed_ids, bos_id, hidden)
     settings = model.config.cache
-    cache = (
-        TextCache(settings, model.config.vocab_size, seed_ids, opens) if settings.enabled else None
-    )
+    cache = TextCache(settings, seed_ids, opens) if settings.enabled else None
     continuing = [i for i, o in enumerate(opens) if not o] if opens is not None else []
     out: list[int] = []
     for step in range(n_words):

@@ -69,7 +69,7 @@ def next_words(
     device = model.embedding.weight.device
     banned = torch.tensor(vocab.special_ids, device=device)
     cache = (
-        TextCache(model.config.cache, len(vocab), history, vocab.starts_word())
+        TextCache(model.config.cache, history, vocab.starts_word())
         if model.config.cache.enabled
         else None
     )

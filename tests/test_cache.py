@@ -88,7 +88,7 @@ openings = st.none() | st.lists(st.booleans(), min_size=6, max_size=6)
 def test_the_cache_counts_as_the_formulas_say(
     s: CacheSettings, history: list[int], written: list[int], opens: list[bool] | None
 ) -> None:
-    cache = TextCache(s, 6, history, opens)
+    cache = TextCache(s, history, opens)
     trial = [cache.next_ids(after=written)]  # what a search tries
     for token in written:  # what a sample writes: followed, not counted
         cache.follow(token)
@@ -96,8 +96,8 @@ def test_the_cache_counts_as_the_formulas_say(
         if nexts[0] is None:  # no say: the weight is 0
             assert brute(s, history, 0, written, opens)[0] == 0
             continue
-        weights, stacked = stack([nexts[0]])
-        weight, dense = float(weights[0, 0]), stacked[0]
+        weights, cols, probs = stack([nexts[0]])
+        weight, dense = float(weights[0, 0]), torch.zeros(6).index_put_((cols,), probs[0])
         for token in range(6):
             want_weight, want = brute(s, history, token, written, opens)
             assert weight == pytest.approx(want_weight)
@@ -199,7 +199,7 @@ def test_generated_words_carry_the_probabilities_they_were_drawn_with(
     generated = [vocab.id_of(w) for w in sample.words]
     text = [*seed, *generated]
     own = token_log_probs(network_alone(cached.model), vocab, text).tolist()
-    cache = TextCache(cached.model.config.cache, None, seed)  # the prompt, counted
+    cache = TextCache(cached.model.config.cache, seed)  # the prompt, counted
     want = []
     for t, token in enumerate(generated):
         want.append(mix(own[len(seed) + t], *cache.prob(token)))
@@ -220,7 +220,7 @@ def test_next_words_are_the_mixed_distributions_best(cached: checkpoint.Checkpoi
         hidden = start_state(model, seed, vocab.bos_id)
         ranked = next_words(model, vocab, hidden, 5, history=seed)
         own = model.log_probs(top_features(hidden))[0].tolist()
-    cache = TextCache(model.config.cache, len(vocab), seed)
+    cache = TextCache(model.config.cache, seed)
     for word, p in ranked:
         token = vocab.id_of(word)
         assert p == pytest.approx(math.exp(mix(own[token], *cache.prob(token))), rel=1e-4)
@@ -270,7 +270,7 @@ def test_inside_a_word_scoring_and_sampling_take_the_inner_confidence(
         def greedy(word_opens: Sequence[bool] | None) -> tuple[str, float]:
             """The first word by hand: the best piece of the mixed distribution until the
             next word would begin."""
-            cache = TextCache(settings, None, seed, word_opens)
+            cache = TextCache(settings, seed, word_opens)
             hidden = start_state(bare, seed, vocab.bos_id)
             pieces, log_prob = [], 0.0
             for step in range(8):

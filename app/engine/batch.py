@@ -177,7 +177,7 @@ class Batch:
                 Draws(job.random_seed + i),
                 [start] if keep else None,
                 history[:],
-                cache=TextCache(settings, len(self.vocab), job.history, self.vocab.starts_word())
+                cache=TextCache(settings, job.history, self.vocab.starts_word())
                 if settings.enabled
                 else None,
             )
