@@ -220,8 +220,7 @@ def feed(model: WordRNN, seqs: Sequence[Sequence[int]], hidden: Hidden | None = 
     with torch.inference_mode():
         if len({len(ids) for ids in lists}) == 1:
             ids = torch.tensor(lists, dtype=torch.long, device=device)  # (B, T)
-            _, hidden = model.rnn(model.embedding(ids), hidden)
-            return hidden  # type: ignore[no-any-return]
+            return model.recur(model.embedding(ids), hidden)
         emb = [model.embedding(torch.tensor(ids, device=device)) for ids in lists]  # (T_i, E)
         _, hidden = model.rnn(pack_sequence(emb, enforce_sorted=False), hidden)
     return hidden  # type: ignore[no-any-return]
@@ -292,10 +291,9 @@ def next_logits(model: WordRNN, hidden: Hidden) -> Tensor:
 def advance(model: WordRNN, hidden: Hidden, ids: Sequence[int] | Tensor) -> Hidden:
     """Feed one word per row; return the new hidden state."""
     device = model.embedding.weight.device
-    step = torch.as_tensor(ids, dtype=torch.long, device=device).view(-1, 1)  # (B, 1)
+    step = torch.as_tensor(ids, dtype=torch.long, device=device).view(-1)  # (B,)
     with torch.inference_mode():
-        _, hidden = model.rnn(model.embedding(step), hidden)
-    return hidden  # type: ignore[no-any-return]
+        return model.step(step, hidden)
 
 
 def sample(

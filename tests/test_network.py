@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from model_store.network import (
+    CELL_STEPS,
     CELLS,
     ConfigError,
     LockedDropout,
@@ -299,3 +300,63 @@ def test_a_malformed_state_is_a_value_error_that_says_why(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         hidden_from_tensors(tensors)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("steps", [1, CELL_STEPS])
+@pytest.mark.parametrize("start", ["zeros", "given"])
+def test_an_lstm_fed_cell_by_cell_gives_torchs_own_kernel_numbers(
+    layers: int, steps: int, start: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A few steps of an LSTM on a CPU go through `torch.lstm_cell`, never the module (whose
+    oneDNN kernel costs many steps a call): exactly the numbers of torch's own kernel."""
+    model = make_model(cell="lstm", layers=layers).eval()
+    torch.manual_seed(1)
+    inputs = torch.randn(3, steps, DIM)
+    given = (torch.randn(layers, 3, DIM), torch.randn(layers, 3, DIM))
+    hidden = None if start == "zeros" else given
+    with monkeypatch.context() as patched:
+        patched.setattr(torch.backends.mkldnn, "enabled", False)
+        _, want = model.rnn(inputs, hidden)
+    with monkeypatch.context() as patched:
+        patched.setattr(model.rnn, "forward", _refuse)
+        got = model.recur(inputs, hidden)
+        ids = torch.tensor([1, 5, 7])
+        stepped = model.step(ids, given)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    fed = model.rnn(model.embedding(ids).unsqueeze(1), given)[1]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(stepped, fed, strict=True))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_the_module_feeds_what_cells_do_not(cell: str) -> None:
+    """Long sequences, a model in training (its dropout between layers) and the cells
+    without a oneDNN kernel are fed by the module itself."""
+    model = make_model(cell=cell, layers=2, dropout=0.5)
+    torch.manual_seed(2)
+    long = torch.randn(2, CELL_STEPS + 1, DIM)
+    for inputs, training in ((long, False), (long[:, :1], True)):
+        model.train(training)
+        torch.manual_seed(3)
+        got, calls = _recur_counting(model, inputs)
+        torch.manual_seed(3)
+        want = model.rnn(inputs)[1]
+        assert calls == 1
+        pairs = zip(hidden_parts(got), hidden_parts(want), strict=True)
+        assert all(torch.equal(a, b) for a, b in pairs)
+    model.eval()
+    assert _recur_counting(model, long[:, :1])[1] == (0 if cell == "lstm" else 1)
+
+
+def _recur_counting(model: WordRNN, inputs: torch.Tensor) -> tuple[Any, int]:
+    """``model.recur(inputs)`` and how many times it called the module."""
+    calls: list[object] = []
+    hook = model.rnn.register_forward_hook(lambda *_: calls.append(None))
+    try:
+        return model.recur(inputs), len(calls)
+    finally:
+        hook.remove()
+
+
+def _refuse(*args: object, **kwargs: object) -> None:
+    raise AssertionError("the module was called")
