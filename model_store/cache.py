@@ -39,7 +39,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
+import numpy as np
 import torch
+from numpy.typing import NDArray
 from torch import Tensor
 
 
@@ -93,7 +95,7 @@ class TextCache:
         # context (the ids before, oldest first; () for order 0) -> followers and their counts
         self._followers: dict[tuple[int, ...], Counter[int]] = {(): Counter()}
         self._totals: Counter[tuple[int, ...]] = Counter()
-        self._unigram: tuple[Tensor, Tensor] | None = None  # see _unigram_counts
+        self._unigram: tuple[NDArray[np.int64], NDArray[np.float32]] | None = None
         self._recent: tuple[int, ...] = ()  # the last ``order`` ids
         self._next: list[tuple[int, ...]] | None = [()]  # see _current
         for i in ids:
@@ -196,14 +198,14 @@ class TextCache:
             values += [a * count for count in followers.values()]
         return NextIds(weight, *self._unigram_counts(), terms[0][0], ids, values)
 
-    def _unigram_counts(self) -> tuple[Tensor, Tensor]:
-        """The ids counted and their counts, as tensors: a sample counts no words of its own,
-        so they are made once for all its steps (and again only after an `add`)."""
+    def _unigram_counts(self) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
+        """The ids counted and their counts: a sample counts no words of its own, so they are
+        made once for all its steps (and again only after an `add`)."""
         if self._unigram is None:
             counts = self._followers[()]
             self._unigram = (
-                torch.tensor(list(counts), dtype=torch.long),
-                torch.tensor(list(counts.values()), dtype=torch.float),
+                np.fromiter(counts, np.int64, len(counts)),
+                np.fromiter(counts.values(), np.float32, len(counts)),
             )
         return self._unigram
 
@@ -215,8 +217,8 @@ class NextIds:
     weighted), and its share ``weight`` of the mixture."""
 
     weight: float
-    counted: Tensor  # (K,) the ids of the text so far, each once
-    counts: Tensor  # (K,) how often each came
+    counted: NDArray[np.int64]  # (K,) the ids of the text so far, each once
+    counts: NDArray[np.float32]  # (K,) how often each came
     scale: float
     ids: list[int]
     values: list[float]
@@ -224,23 +226,25 @@ class NextIds:
 
 def stack(nexts: Sequence[NextIds]) -> tuple[Tensor, Tensor, Tensor]:
     """(N, 1) weights, the (C,) ids that any of ``nexts`` gives a probability, and (N, C)
-    those probabilities: a few tensor operations for all rows of a batch, whatever their
-    number, and none over the whole vocabulary (the cache knows only the ids of its text)."""
-    weights = torch.tensor([n.weight for n in nexts]).unsqueeze(1)
-    sizes = torch.tensor([len(n.counted) for n in nexts])
-    scales = torch.tensor([n.scale for n in nexts]).repeat_interleave(sizes)
-    rows = torch.arange(len(nexts)).repeat_interleave(sizes)
-    ids = torch.cat([n.counted for n in nexts])
-    values = torch.cat([n.counts for n in nexts]) * scales
+    those probabilities, for all rows of a batch at once and over those ids only (the cache
+    knows only the ids of its text). Built with numpy: a few small arrays a step, where
+    each torch operation would cost more than its work and let go of the interpreter lock."""
+    sizes = [len(n.counted) for n in nexts]
+    scales = np.repeat(np.array([n.scale for n in nexts], np.float32), sizes)
+    rows = [np.repeat(np.arange(len(nexts)), sizes)]
+    ids = [n.counted for n in nexts]
+    values = [np.concatenate([n.counts for n in nexts]) * scales]
     higher = [row for row, n in enumerate(nexts) for _ in n.ids]
     if higher:
-        rows = torch.cat([rows, torch.tensor(higher)])
-        ids = torch.cat([ids, torch.tensor([i for n in nexts for i in n.ids])])
-        values = torch.cat([values, torch.tensor([v for n in nexts for v in n.values])])
-    cols, at = torch.unique(ids, return_inverse=True)
-    # Accumulated in order, each row's scaled count first: the sums a dense row would hold.
-    probs = torch.zeros(len(nexts), len(cols)).index_put_((rows, at), values, accumulate=True)
-    return weights, cols, probs
+        rows.append(np.array(higher, np.int64))
+        ids.append(np.array([i for n in nexts for i in n.ids], np.int64))
+        values.append(np.array([v for n in nexts for v in n.values], np.float32))
+    cols, at = np.unique(np.concatenate(ids), return_inverse=True)
+    probs = np.zeros((len(nexts), len(cols)), np.float32)
+    # Added in order, each row's scaled count first: the sums a dense row would hold.
+    np.add.at(probs, (np.concatenate(rows), at), np.concatenate(values))
+    weights = torch.tensor([n.weight for n in nexts]).unsqueeze(1)
+    return weights, torch.from_numpy(cols), torch.from_numpy(probs)
 
 
 def mix_rows(scores: Tensor, nexts: Sequence[NextIds | None]) -> Tensor:
