@@ -135,9 +135,9 @@ def compute_words_per_second(
     a subword model, the pieces drawn that open a word."""
     from model_store import checkpoint
     from model_store.sampling import (
+        Draws,
         SamplingParams,
         advance,
-        make_generator,
         next_logits,
         prime,
         sample,
@@ -149,7 +149,7 @@ def compute_words_per_second(
     banned = list(vocab.special_ids)
     seed = vocab.encode_lenient(vocab.tokenize(str(BODY["seed_words"])))[0]
     params = [SamplingParams()] * batch
-    generators = [make_generator(i) for i in range(batch)]
+    generators = [Draws(i) for i in range(batch)]  # as the engine draws: a block at a time
     default_threads = torch.get_num_threads()
     by_threads: dict[str, float] = {}
     with torch.inference_mode():
