@@ -33,6 +33,7 @@ sample together counts the sample's words too, so it may give them more.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -100,6 +101,13 @@ class TextCache:
         self._next: list[tuple[int, ...]] | None = [()]  # see _current
         for i in ids:
             self.add(i)
+
+    def fork(self) -> TextCache:
+        """A cache that shares these counts and follows a text of its own from here: the
+        samples of one request continue one history, whose counting is the dear part (a
+        session's 2,000 words took 25 ms a sample). Only ever `follow` a fork: an `add`
+        would change its siblings' counts too."""
+        return copy.copy(self)
 
     def _contexts(self, recent: tuple[int, ...]) -> list[tuple[int, ...]]:
         """(), then the last 1, 2, ... ``order`` ids of ``recent``."""

@@ -213,6 +213,52 @@ def test_generated_words_carry_the_probabilities_they_were_drawn_with(
     )
 
 
+def test_a_fork_shares_the_counts_and_follows_its_own_text() -> None:
+    s = CacheSettings(order=2, weight=0.5, confidence=1.0)
+    history = [0, 1, 2, 3, 0, 1, 3, 2, 0, 1]
+    cache = TextCache(s, history)
+    fork = cache.fork()
+    fork.follow(2)
+    cache.follow(3)
+    for written, tested in (([3], cache), ([2], fork)):
+        alone = TextCache(s, history)
+        for token in written:
+            alone.follow(token)
+        assert [tested.prob(t) for t in range(4)] == [alone.prob(t) for t in range(4)]
+    assert [fork.prob(t) for t in range(4)] != [cache.prob(t) for t in range(4)]
+
+
+def test_the_samples_of_one_request_are_those_of_requests_of_one_sample(
+    cached: checkpoint.Checkpoint,
+) -> None:
+    """A request's samples share one count of its history: each still writes what a
+    request of its own with its seed would."""
+    vocab = cached.vocab
+    seed = vocab.encode_lenient(["I", "can", "see", "the", "sea", ".", "I", "can"])[0]
+    context = [vocab.tokens[i] for i in seed]
+
+    def samples(n: int, random_seed: int) -> list[SampleText]:
+        job = GenerationJob(
+            seed_ids=seed,
+            context=context,
+            params=SamplingParams(top_k=4),
+            history=seed,
+            random_seed=random_seed,
+            max_words=20,
+            n=n,
+            logprobs=0,
+        )
+        with torch.inference_mode():
+            return generate_alone(cached.model, vocab, job, vocab.special_ids).samples
+
+    together = samples(3, 5)
+    alone = [samples(1, 5 + i)[0] for i in range(3)]
+    assert [s.words for s in together] == [s.words for s in alone]
+    for a, b in zip(together, alone, strict=True):  # a step's numbers move with its rows
+        assert a.log_probs == pytest.approx(b.log_probs, abs=1e-5)
+    assert len({tuple(s.words) for s in together}) > 1
+
+
 def test_next_words_are_the_mixed_distributions_best(cached: checkpoint.Checkpoint) -> None:
     vocab, model = cached.vocab, cached.model
     seed = vocab.encode_lenient(["the", "wind", "can", "hear", "the", "wind", ",", "and", "the"])[0]

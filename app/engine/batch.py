@@ -170,6 +170,9 @@ class Batch:
         keep = job.keep_state and bool(job.stop)
         history = list(job.history) if job.params.penalizes else []
         settings = self.model.config.cache
+        cache = (
+            TextCache(settings, job.history, self.vocab.starts_word()) if settings.enabled else None
+        )
         rows = [
             _Row(
                 seq,
@@ -177,9 +180,7 @@ class Batch:
                 Draws(job.random_seed + i),
                 [start] if keep else None,
                 history[:],
-                cache=TextCache(settings, job.history, self.vocab.starts_word())
-                if settings.enabled
-                else None,
+                cache=cache.fork() if cache is not None and i else cache,
             )
             for i in range(job.n)
         ]
