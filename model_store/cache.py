@@ -249,10 +249,10 @@ def stack(nexts: Sequence[NextIds]) -> tuple[Tensor, Tensor, Tensor]:
         values.append(np.array([v for n in nexts for v in n.values], np.float32))
     cols, at = np.unique(np.concatenate(ids), return_inverse=True)
     probs = np.zeros((len(nexts), len(cols)), np.float32)
-    # Added in order, each row's scaled count first: the sums a dense row would hold.
+    # Added in order: a row's scaled count of an id, then its higher orders' values.
     np.add.at(probs, (np.concatenate(rows), at), np.concatenate(values))
-    weights = torch.tensor([n.weight for n in nexts]).unsqueeze(1)
-    return weights, torch.from_numpy(cols), torch.from_numpy(probs)
+    weights = np.array([[n.weight] for n in nexts], np.float32)
+    return torch.from_numpy(weights), torch.from_numpy(cols), torch.from_numpy(probs)
 
 
 def mix_rows(scores: Tensor, nexts: Sequence[NextIds | None]) -> Tensor:

@@ -253,13 +253,7 @@ class WordRNN(nn.Module):
             _, hidden = rnn(inputs, hidden)
             return cast(Hidden, hidden)
         h, c = cast(tuple[Tensor, Tensor], hidden or self.init_hidden(inputs.shape[0]))
-        layers = [
-            [
-                getattr(rnn, f"{name}_l{layer}")
-                for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-            ]
-            for layer in range(self.config.layers)
-        ]
+        layers = rnn.all_weights  # each layer's weight_ih, weight_hh, bias_ih, bias_hh
         hs, cs = list(h.unbind(0)), list(c.unbind(0))
         for t in range(inputs.shape[1]):
             x = inputs[:, t]
