@@ -214,6 +214,38 @@ def test_batched_generation_equals_one_at_a_time(
     assert sum(sizes) <= rows  # never a step for a row that had finished
 
 
+def test_new_texts_join_from_the_state_after_bos_fed_once(
+    models: dict[str, Checkpoint], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded = models["lstm"]
+    model, vocab = loaded.model, loaded.vocab
+    fed: list[tuple[int, int]] = []  # (rows, steps) of each pass through the cell
+    recur = model.recur
+
+    def counting(inputs: torch.Tensor, hidden: Any = None) -> Any:
+        fed.append((inputs.shape[0], inputs.shape[1]))
+        return recur(inputs, hidden)
+
+    monkeypatch.setattr(model, "recur", counting)
+    seed = vocab.encode_words(["I", "can", "see"])[0]
+    batch = Batch(model, vocab, vocab.special_ids)
+    first = [job(seed_ids=seed, keep_state=True, max_words=0, random_seed=i) for i in range(2)]
+    with torch.inference_mode():
+        done = batch.join(list(enumerate(first)))
+        batch.join([(2, job(seed_ids=seed, max_words=3))])
+    # <bos> once, then each join's seed: never <bos> and the seed again.
+    assert fed == [(1, 1), (2, 3), (1, 3)]
+    monkeypatch.undo()
+    want = prime(model, [seed], vocab.bos_id)
+    for update in done:
+        assert update.result is not None
+        assert update.result.state is not None
+        for got, expected in zip(
+            hidden_parts(update.result.state), hidden_parts(want), strict=True
+        ):
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
 def test_rows_of_different_requests_share_each_step(models: dict[str, Checkpoint]) -> None:
     loaded = models["lstm"]
     plan = [

@@ -43,6 +43,7 @@ from model_store.sampling import (
     next_logits,
     penalize,
     sample,
+    start_state,
     start_states,
 )
 from model_store.vocab import Vocab
@@ -110,6 +111,7 @@ class Batch:
         self.rows: list[_Row] = []
         self._seqs: dict[Hashable, _Sequence] = {}
         self._opening = _word_openings(vocab, model.embedding.weight.device)
+        self._fresh: Hidden | None = None  # the state after <bos>: where every new text starts
 
     @property
     def size(self) -> int:
@@ -129,7 +131,7 @@ class Batch:
                 valid.append((key, job))
             else:
                 updates.append(_failed(key, problem))
-        starts = _starts_each(self.model, self.vocab, [job for _, job in valid])
+        starts = _starts_each(self.model, self.vocab, [job for _, job in valid], self._fresh_state)
         parts: list[Hidden] = []
         rows: list[_Row] = []
         seqs: list[_Sequence] = []
@@ -154,6 +156,14 @@ class Batch:
             self.rows += rows
             self._seqs.update((seq.key, seq) for seq in seqs)
         return updates
+
+    def _fresh_state(self) -> Hidden:
+        """The state after ``<bos>`` from the zero state, (layers, 1, H): every new text's
+        first step, the same for all. Fed once, it spares each joining request one step of
+        the recurrent cell (a joining request's seed is a few ids, each a sequential step)."""
+        if self._fresh is None:
+            self._fresh = start_state(self.model, [], self.vocab.bos_id)
+        return self._fresh
 
     def _sequence(
         self, key: Hashable, job: GenerationJob, start: Hidden
@@ -406,18 +416,20 @@ def _word_openings(vocab: Vocab, device: torch.device) -> torch.Tensor | None:
 
 
 def _starts_each(
-    model: WordRNN, vocab: Vocab, jobs: Sequence[GenerationJob]
+    model: WordRNN, vocab: Vocab, jobs: Sequence[GenerationJob], fresh: Callable[[], Hidden]
 ) -> list[Hidden | Exception]:
     """Each job's state after its seed words, (layers, 1, H) each, from one packed forward
-    pass (`start_states`); when that pass fails, each job's start fed alone, so that a job
-    that cannot be fed fails by itself (its entry is the error)."""
+    pass (`start_states`): a session's on its state, a new text's on ``fresh()``, the state
+    after ``<bos>``. When that pass fails, each job's start is fed alone, so that a job that
+    cannot be fed fails by itself (its entry is the error)."""
     seeds = [job.seed_ids for job in jobs]
     try:
-        return list(start_states(model, seeds, vocab.bos_id, [job.hidden for job in jobs]))
+        hiddens = [fresh() if job.hidden is None else job.hidden for job in jobs]
+        return list(start_states(model, seeds, vocab.bos_id, hiddens))
     except Exception as exc:
         if len(jobs) == 1:
             return [exc]
-    return [_starts_each(model, vocab, [job])[0] for job in jobs]
+    return [_starts_each(model, vocab, [job], fresh)[0] for job in jobs]
 
 
 def generate_alone(
