@@ -39,13 +39,18 @@ rounds (a first word takes a few: the histograms ``engine_queue_wait_seconds`` a
 
 ``COMPUTE`` is the model's own batched step (``model_store.sampling``: output layer,
 sampling, RNN cell) at batch 64, timed alone in this process before any server starts, in
-words/s. The combined ceiling is ``1 / (1 / HTTP + 1 / COMPUTE)``, ``HTTP`` being the no-op
-server's words/s at concurrency 64: both share the same cores, so per word the engine should
-add little beyond them; a second ceiling takes the bare floor's words/s instead, what the
-service's own HTTP layers cost included. Targets, each a ratio within this run: at
-concurrency 64 batched >= 10x naive words/s, >= 60% of the combined ceiling and >= 75% of the
-floor's; at concurrency 1 batched p50 <= 1.1x naive; at concurrency 128 batched has no errors
-and a p99 under 2 s; a stream's first word at concurrency 64 within 100 ms at the p50.
+words/s. ``ENGINE`` is the batched engine's own rounds at 64 requests in flight, alone in
+this process after the servers have stopped (`app.engine.Batch`: seeds fed, the text cache,
+each sample's text, no HTTP); no server can beat it, so its share of a ceiling bounds the
+server's (``engine_alone_share_of_*``), and ``c64_batched_share_of_engine_alone`` says what
+HTTP, and sharing the cores with it, leave of it. The combined ceiling is
+``1 / (1 / HTTP + 1 / COMPUTE)``, ``HTTP`` being the no-op server's words/s at concurrency
+64: both share the same cores, so per word the engine should add little beyond them; a
+second ceiling takes the bare floor's words/s instead, what the service's own HTTP layers
+cost included. Targets, each a ratio within this run: at concurrency 64 batched >= 10x naive
+words/s, >= 60% of the combined ceiling and >= 75% of the floor's; at concurrency 1 batched
+p50 <= 1.1x naive; at concurrency 128 batched has no errors and a p99 under 2 s; a stream's
+first word at concurrency 64 within 100 ms at the p50.
 
 Writes ``--out`` (default ``bench/results/serve_load.json``) and a PNG chart next to it, and
 prints a Markdown table.
@@ -173,6 +178,59 @@ def compute_words_per_second(
         "architecture": loaded.config.to_json(),
         "vocab_size": len(vocab),
     }
+
+
+def engine_words_per_second(
+    run_dir: Path,
+    device: str = "cpu",
+    rows: int = COMPUTE_BATCH,
+    quantize: str = "off",
+    seconds: float = 2.0,
+) -> dict[str, Any]:
+    """The batched engine's own rounds, alone in this process: `app.engine.Batch` (what the
+    server's inference thread steps) with ``rows`` requests of the benchmark's body in flight,
+    each replaced by a new one as it finishes, so that every round also feeds seeds, mixes
+    in the text cache and keeps each sample's text; no HTTP, no threads, no other work on the
+    cores. The best of three rounds of ``seconds``, in words/s (the words of the finished
+    requests). COMPUTE leaves all of that out; the servers add HTTP and the cores they share
+    with it."""
+    import itertools
+
+    from app.engine import Batch, GenerationJob
+    from model_store import checkpoint
+    from model_store.copies import CopyGuard
+    from model_store.sampling import SamplingParams
+
+    loaded = checkpoint.load(run_dir, device, quantize)
+    vocab = loaded.vocab
+    tokens = vocab.split_words(str(BODY["seed_words"]))  # as the server reads a seed
+    seed = vocab.encode_words(tokens)[0]
+    history = seed if loaded.config.cache.enabled else []
+    guard = CopyGuard(loaded.copies, vocab) if loaded.copies is not None else None
+    seeds = itertools.count()
+
+    def job() -> GenerationJob:
+        return GenerationJob(
+            seed_ids=seed,
+            context=tokens,
+            params=SamplingParams(),
+            random_seed=next(seeds),
+            max_words=int(BODY["max_words"]),
+            history=history,
+        )
+
+    best = 0.0
+    with torch.inference_mode():
+        for _ in range(3):
+            batch = Batch(loaded.model, vocab, list(vocab.special_ids), guard)
+            batch.join([(next(seeds), job()) for _ in range(rows)])
+            words, started = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - started) < seconds:
+                done = [u.result for u in batch.step() if u.result is not None]
+                words += sum(len(sample.words) for r in done for sample in r.samples)
+                batch.join([(next(seeds), job()) for _ in done])
+            best = max(best, words / elapsed)
+    return {"rows": rows, "words_per_second": best, "torch_threads": torch.get_num_threads()}
 
 
 def best_compute(*runs: dict[str, Any]) -> dict[str, Any]:
@@ -446,7 +504,9 @@ def level_of(results: dict[str, Any], mode: str, concurrency: int) -> dict[str, 
     return None
 
 
-def targets(results: dict[str, Any], compute: dict[str, Any]) -> dict[str, Any]:
+def targets(
+    results: dict[str, Any], compute: dict[str, Any], engine: dict[str, Any]
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     batched64 = level_of(results, "batched", 64)
     naive64 = level_of(results, "naive", 64)
@@ -465,6 +525,14 @@ def targets(results: dict[str, Any], compute: dict[str, Any]) -> dict[str, Any]:
                 "target": f">= {least}",
                 "met": share >= least,
             }
+            # No server beats its engine alone: the most that the share above could be.
+            out[f"engine_alone_share_of_{name or 'combined_'}ceiling"] = (
+                engine["words_per_second"] / ceiling
+            )
+    if batched64:
+        out["c64_batched_share_of_engine_alone"] = (
+            batched64["words_per_second"] / engine["words_per_second"]
+        )
     batched1, naive1 = level_of(results, "batched", 1), level_of(results, "naive", 1)
     if batched1 and naive1:
         ratio = batched1["p50_ms"] / naive1["p50_ms"]
@@ -564,10 +632,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         compute = best_compute(
             before, compute_words_per_second(run_dir, args.device, quantize=args.quantize)
         )
+        engine = engine_words_per_second(run_dir, args.device, quantize=args.quantize)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    found = targets(results, compute)
+    found = targets(results, compute, engine)
     report = {
         "command": "python -m bench.serve_load " + " ".join(argv or sys.argv[1:]),
         "machine": {
@@ -584,6 +653,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "model_kind": args.model if args.run_dir is None else "run-dir",
         "quantize": args.quantize,
         "compute": compute,
+        "engine_alone": engine,
         "results": results,
         "targets": found,
     }
@@ -593,6 +663,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(table(results))
     print()
     print(f"COMPUTE (batch {COMPUTE_BATCH}, alone): {compute['words_per_second']:.0f} words/s")
+    print(f"ENGINE ({engine['rows']} requests in flight, alone): "
+          f"{engine['words_per_second']:.0f} words/s")  # fmt: skip
     for name, value in found.items():
         print(f"{name}: {json.dumps(value)}")
     print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
