@@ -62,6 +62,7 @@ import argparse
 import asyncio
 import csv
 import io
+import itertools
 import json
 import os
 import platform
@@ -72,7 +73,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -91,6 +92,10 @@ from bench.server import (
     percentile,
 )
 from model_store.network import QUANTIZATIONS
+
+if TYPE_CHECKING:
+    from model_store.checkpoint import Checkpoint
+    from model_store.vocab import Vocab
 
 RESULTS = REPO / "bench" / "results" / "serve_load.json"
 WORDS = 25
@@ -130,15 +135,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # -- the model -------------------------------------------------------------------------------
 
 
-def compute_words_per_second(
-    run_dir: Path, device: str = "cpu", batch: int = COMPUTE_BATCH, quantize: str = "off"
-) -> dict[str, Any]:
+def load_model(run_dir: Path, device: str = "cpu", quantize: str = "off") -> Checkpoint:
+    """The served model, loaded once in this process for COMPUTE and ENGINE."""
+    from model_store import checkpoint
+
+    return checkpoint.load(run_dir, device, quantize)
+
+
+def seed_of(vocab: Vocab) -> tuple[list[str], list[int]]:
+    """The benchmark's seed words and their ids, read as the server reads a seed."""
+    words = vocab.split_words(str(BODY["seed_words"]))
+    return words, vocab.encode_words(words)[0]
+
+
+def compute_words_per_second(loaded: Checkpoint, batch: int = COMPUTE_BATCH) -> dict[str, Any]:
     """The model's own batched step, alone: logits, sampling, RNN cell, at ``batch`` rows.
 
     Timed with one torch thread and with torch's default; the best is COMPUTE (the higher
     it is, the harder the ceiling target). Words are counted as the servers count them: for
     a subword model, the pieces drawn that open a word."""
-    from model_store import checkpoint
     from model_store.sampling import (
         Draws,
         SamplingParams,
@@ -148,11 +163,10 @@ def compute_words_per_second(
         sample,
     )
 
-    loaded = checkpoint.load(run_dir, device, quantize)
     model, vocab = loaded.model, loaded.vocab
     opens = vocab.starts_word() if vocab.is_subword else [True] * len(vocab)
     banned = list(vocab.special_ids)
-    seed = vocab.encode_lenient(vocab.tokenize(str(BODY["seed_words"])))[0]
+    seed = seed_of(vocab)[1]
     params = [SamplingParams()] * batch
     generators = [Draws(i) for i in range(batch)]  # as the engine draws: a block at a time
     default_threads = torch.get_num_threads()
@@ -181,11 +195,7 @@ def compute_words_per_second(
 
 
 def engine_words_per_second(
-    run_dir: Path,
-    device: str = "cpu",
-    rows: int = COMPUTE_BATCH,
-    quantize: str = "off",
-    seconds: float = 2.0,
+    loaded: Checkpoint, rows: int = COMPUTE_BATCH, seconds: float = 2.0
 ) -> dict[str, Any]:
     """The batched engine's own rounds, alone in this process: `app.engine.Batch` (what the
     server's inference thread steps) with ``rows`` requests of the benchmark's body in flight,
@@ -194,17 +204,12 @@ def engine_words_per_second(
     cores. The best of three rounds of ``seconds``, in words/s (the words of the finished
     requests). COMPUTE leaves all of that out; the servers add HTTP and the cores they share
     with it."""
-    import itertools
-
     from app.engine import Batch, GenerationJob
-    from model_store import checkpoint
     from model_store.copies import CopyGuard
     from model_store.sampling import SamplingParams
 
-    loaded = checkpoint.load(run_dir, device, quantize)
     vocab = loaded.vocab
-    tokens = vocab.split_words(str(BODY["seed_words"]))  # as the server reads a seed
-    seed = vocab.encode_words(tokens)[0]
+    tokens, seed = seed_of(vocab)
     history = seed if loaded.config.cache.enabled else []
     guard = CopyGuard(loaded.copies, vocab) if loaded.copies is not None else None
     seeds = itertools.count()
@@ -622,17 +627,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run_dir = model_dir(args)
         print(f"model: {run_dir}", file=sys.stderr)
-        before = compute_words_per_second(run_dir, args.device, quantize=args.quantize)
+        loaded = load_model(run_dir, args.device, args.quantize)
+        before = compute_words_per_second(loaded)
         print(f"COMPUTE: {before['by_torch_threads']} words/s at batch {COMPUTE_BATCH} "
               "(by torch threads)", file=sys.stderr)  # fmt: skip
         load_before = os.getloadavg()
         with tempfile.TemporaryDirectory(prefix="serve-load-") as logdir:
             results = bench_servers(run_dir, hey, args, modes, Path(logdir))
         load_after = os.getloadavg()
-        compute = best_compute(
-            before, compute_words_per_second(run_dir, args.device, quantize=args.quantize)
-        )
-        engine = engine_words_per_second(run_dir, args.device, quantize=args.quantize)
+        compute = best_compute(before, compute_words_per_second(loaded))
+        engine = engine_words_per_second(loaded)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

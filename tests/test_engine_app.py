@@ -312,9 +312,9 @@ def test_the_load_benchmark_judges_its_targets_on_ratios() -> None:
 
 
 def test_the_load_benchmark_times_the_engine_alone_on_whole_requests(tiny_run: Path) -> None:
-    from bench.serve_load import WORDS, engine_words_per_second
+    from bench.serve_load import WORDS, engine_words_per_second, load_model
 
-    engine = engine_words_per_second(tiny_run, rows=4, seconds=0.3)
+    engine = engine_words_per_second(load_model(tiny_run), rows=4, seconds=0.3)
     # Words are counted as requests finish, 25 each: a round that finished none counts none.
     assert engine["rows"] == 4
     assert engine["words_per_second"] >= WORDS / 0.3

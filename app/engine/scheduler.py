@@ -18,8 +18,8 @@ the active rows, the step batch sizes, how long generations waited in the queue 
 the batched engine's rounds take, for metrics: a stream's first word comes after its wait,
 one round that feeds its seed words and draws the word's first token, one more for each of
 its other tokens and, for a subword model, one more whose token opens the next word (a word
-ends only when the next one begins; a line break at once). A request whose own part fails ends alone
-(`GenerationFailed`), and the thread keeps serving the others.
+ends only when the next one begins; a line break at once). A request whose own part fails
+ends alone (`GenerationFailed`), and the thread keeps serving the others.
 """
 
 from __future__ import annotations
