@@ -425,7 +425,7 @@ def test_draws_a_block_at_a_time_are_the_numbers_of_one_call_a_step() -> None:
     assert draws.take() == one_by_one[Draws.BLOCK + 2]
 
 
-@pytest.mark.parametrize("size", [8192, 8192 + 37, 20_000, 3000])
+@pytest.mark.parametrize("size", [2999, 3000, 4003, 8192 + 37, 20_000])
 @pytest.mark.parametrize("k", [1, 5, 40])
 def test_top_k_finds_topks_values_in_large_vocabularies(size: int, k: int) -> None:
     """Above its threshold `top_k` looks only in the blocks with the best maxima: the same
