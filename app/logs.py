@@ -229,6 +229,8 @@ class RequestLogMiddleware:
     def _access(
         scope: Scope, request_id: str, status: int | None, started: float, sent: int
     ) -> None:
+        if not access_log.isEnabledFor(logging.INFO):
+            return  # the line's fields cost more than the rest of this middleware
         client = scope.get("client")
         fields = {
             "client": log_safe(client[0]) if client else None,

@@ -11,6 +11,7 @@ active sessions, load time, reloads and refused reloads, and its engine's own co
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
@@ -270,6 +271,10 @@ class Metrics:
         )
         ProcessCollector(registry=self.registry)
         self.registry.register(ServiceCollector(state))
+        # A metric's labels() checks and locks on every call, and a server answers the same
+        # few label sets all day: each one's child is looked up once (by the middleware).
+        self.answered = functools.lru_cache(maxsize=1024)(self.requests.labels)
+        self.took = functools.lru_cache(maxsize=1024)(self.latency.labels)
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """The exposition, in the format the scraper asked for (text or OpenMetrics)."""
@@ -314,8 +319,8 @@ class MetricsMiddleware:
             metrics.in_progress.dec()
             route = getattr(scope.get("route"), "path", None) or UNMATCHED
             method = scope["method"]
-            metrics.requests.labels(method, route, str(status)).inc()
-            metrics.latency.labels(method, route).observe(time.perf_counter() - started)
+            metrics.answered(method, route, str(status)).inc()
+            metrics.took(method, route).observe(time.perf_counter() - started)
             if first_word is not None:
                 metrics.first_word.labels(route).observe(first_word)
 
