@@ -31,6 +31,7 @@ from model_store.vocab import Vocab
 COPIES_FILE = "copies.npz"
 _END = 0  # between documents, and after the last one
 _MISSING = -1  # a word the training text does not hold: no run goes through it
+_AROUND = np.array([-1, 0])  # where a key would be sorted in: the suffixes before and at it
 
 Ids = NDArray[np.int64]
 
@@ -66,10 +67,11 @@ class CopyIndex:
         self._shifts = np.array(
             [self._bits * (self._per_key - 1 - j) for j in range(self._per_key)], dtype=np.uint64
         )
-        # 2 ** (bits x fields after field k), for k = 1 .. _per_key: see `_shared`.
-        self._below = np.array(
-            [1 << (self._bits * (self._per_key - k)) for k in range(1, self._per_key + 1)],
-            dtype=np.uint64,
+        self._columns = np.arange(self._per_key)
+        # 2 ** (bits x k), k = 0 .. _per_key - 1: two keys that differ first in field j (their
+        # xor at least 2 ** (bits x (_per_key - 1 - j))) share j leading words.
+        self._steps = np.array(
+            [1 << (self._bits * k) for k in range(self._per_key)], dtype=np.uint64
         )
         self.word_id = functools.lru_cache(maxsize=65536)(self._word_id)
         # A generating row asks for the same run at each of its steps.
@@ -132,7 +134,7 @@ class CopyIndex:
         return int(self._order[pos]) + 1 if found else _MISSING
 
     def word_ids(self, words: Iterable[str]) -> Ids:
-        return np.array([self.word_id(w) for w in _words(words)], dtype=np.int64)
+        return np.fromiter(map(self.word_id, _words(words)), np.int64)
 
     def _span(self, ids: tuple[int, ...]) -> tuple[int, int]:
         """The suffix-array range of one run's occurrences (of word ids; empty when one is
@@ -179,28 +181,28 @@ class CopyIndex:
         that match that far go on one word at a time, each within the range of suffixes that
         share its run so far (`_narrow`)."""
         ids = self.word_ids(words)
-        if not len(ids):
+        n = len(ids)
+        if not n:
             return 0
         width = self._per_key
         # A missing word becomes a number no word of the text has; past the end, END (which
         # the text has, so matches are cut at the end of ``words`` below).
-        padded = np.concatenate(
-            [np.where(ids == _MISSING, len(self.hashes) + 1, ids), [_END] * width]
-        )
-        grams = padded[np.arange(len(ids))[:, None] + np.arange(width)]
-        queries = self._pack(grams)
+        padded = np.zeros(n + width, np.int64)
+        padded[:n] = ids
+        padded[:n][ids == _MISSING] = len(self.hashes) + 1
+        queries = self._pack(padded[np.arange(n)[:, None] + self._columns])
         at = np.searchsorted(self._keys, queries)
-        neighbours = self._keys[np.clip(np.concatenate([at - 1, at]), 0, len(self._keys) - 1)]
-        shared = self._shared(np.concatenate([queries, queries]), neighbours)
-        shared = np.maximum(shared[: len(ids)], shared[len(ids) :])
-        shared = np.minimum(shared, len(ids) - np.arange(len(ids)))
+        neighbours = self._keys.take(at[:, None] + _AROUND, mode="clip")  # (n, 2)
+        closest = (neighbours ^ queries[:, None]).min(axis=1)
+        shared = width - np.searchsorted(self._steps, closest, side="right")
+        shared = np.minimum(shared, np.arange(n, 0, -1))
         best = int(shared.max())
         for start in np.flatnonzero(shared == width).tolist():
             length = width
-            if start + length >= len(ids) or len(ids) - start <= best:
+            if start + length >= n or n - start <= best:
                 continue  # nothing after it, or it cannot beat the best
             lo, hi = self.span(tuple(ids[start : start + width].tolist()))
-            while start + length < len(ids) and (word := int(ids[start + length])) != _MISSING:
+            while start + length < n and (word := int(ids[start + length])) != _MISSING:
                 lo, hi = self._narrow(lo, hi, length, word)
                 if hi <= lo:
                     break
@@ -212,13 +214,6 @@ class CopyIndex:
         """(R, `_per_key`) word ids as the sortable keys of `_keys` (the fields do not
         overlap, so their sum is their bitwise or)."""
         return (grams.astype(np.uint64) << self._shifts).sum(axis=1, dtype=np.uint64)
-
-    def _shared(self, a: NDArray[np.uint64], b: NDArray[np.uint64]) -> Ids:
-        """How many leading words two packed keys share: k when their difference lies in
-        the last `_per_key` - k fields."""
-        return (  # type: ignore[no-any-return]
-            ((a ^ b)[:, None] < self._below).sum(axis=1)
-        )
 
 
 class CopyGuard:
