@@ -37,20 +37,22 @@ histogram, from the request's arrival), the wait in the engine's queue and the e
 rounds (a first word takes a few: the histograms ``engine_queue_wait_seconds`` and
 ``engine_round_seconds``, read before and after the streams).
 
-``COMPUTE`` is the model's own batched step (``model_store.sampling``: output layer,
-sampling, RNN cell) at batch 64, timed alone in this process before any server starts, in
-words/s. ``ENGINE`` is the batched engine's own rounds at 64 requests in flight, alone in
-this process after the servers have stopped (`app.engine.Batch`: seeds fed, the text cache,
-each sample's text, no HTTP); no server can beat it, so its share of a ceiling bounds the
-server's (``engine_alone_share_of_*``), and ``c64_batched_share_of_engine_alone`` says what
-HTTP, and sharing the cores with it, leave of it. The combined ceiling is
-``1 / (1 / HTTP + 1 / COMPUTE)``, ``HTTP`` being the no-op server's words/s at concurrency
-64: both share the same cores, so per word the engine should add little beyond them; a
-second ceiling takes the bare floor's words/s instead, what the service's own HTTP layers
-cost included. Targets, each a ratio within this run: at concurrency 64 batched >= 10x naive
-words/s, >= 60% of the combined ceiling and >= 75% of the floor's; at concurrency 1 batched
-p50 <= 1.1x naive; at concurrency 128 batched has no errors and a p99 under 2 s; a stream's
-first word at concurrency 64 within 100 ms at the p50.
+``COMPUTE`` is the model's own batched step (``model_store.sampling``: output layer, sampling,
+RNN cell) at batch 64, timed alone in this process before any server starts, in words/s.
+``ENGINE`` is the batched engine's own rounds at 64 requests in flight, alone in this process
+after the servers have stopped (`app.engine.Batch`: seeds fed, the text cache, each sample's
+text, no HTTP); no server can beat it, so its share of a ceiling bounds the server's
+(``engine_alone_share_of_*``), and ``c64_batched_share_of_engine_alone`` says what HTTP, and
+sharing the cores with it, leave of it. ENGINE is also timed with torch's default threads and
+with one, alone and beside a process that keeps one core busy with Python
+(``engine_alone.by_torch_threads``): what sharing the cores costs the engine by itself. The
+combined ceiling is ``1 / (1 / HTTP + 1 / COMPUTE)``, ``HTTP`` being the no-op server's words/s
+at concurrency 64: both share the same cores, so per word the engine should add little beyond
+them; a second ceiling takes the bare floor's words/s instead, what the service's own HTTP
+layers cost included. Targets, each a ratio within this run: at concurrency 64 batched >= 10x
+naive words/s, >= 60% of the combined ceiling and >= 75% of the floor's; at concurrency 1
+batched p50 <= 1.1x naive; at concurrency 128 batched has no errors and a p99 under 2 s; a
+stream's first word at concurrency 64 within 100 ms at the p50.
 
 Writes ``--out`` (default ``bench/results/serve_load.json``) and a PNG chart next to it, and
 prints a Markdown table.
@@ -236,6 +238,35 @@ def engine_words_per_second(
                 batch.join([(next(seeds), job()) for _ in done])
             best = max(best, words / elapsed)
     return {"rows": rows, "words_per_second": best, "torch_threads": torch.get_num_threads()}
+
+
+def engine_by_threads(loaded: Checkpoint, seconds: float = 1.0) -> dict[str, dict[str, float]]:
+    """ENGINE (`engine_words_per_second`) with torch's default threads and with one, alone and
+    beside a process that keeps one core busy with Python, as the event loop and ``hey`` do in
+    the server runs (without sharing this process' interpreter lock): how much of the engine's
+    speed rests on having every core to itself. In words/s, by torch threads."""
+    default = torch.get_num_threads()
+    counts = sorted({default, 1}, reverse=True)
+    out: dict[str, dict[str, float]] = {"alone": {}, "beside_busy_core": {}}
+    try:
+        for where in out:
+            busy = (
+                subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                if where == "beside_busy_core"
+                else None
+            )
+            try:
+                for threads in counts:
+                    torch.set_num_threads(threads)
+                    words = engine_words_per_second(loaded, seconds=seconds)["words_per_second"]
+                    out[where][str(threads)] = words
+            finally:
+                if busy is not None:
+                    busy.kill()
+                    busy.wait()
+    finally:
+        torch.set_num_threads(default)
+    return out
 
 
 def best_compute(*runs: dict[str, Any]) -> dict[str, Any]:
@@ -637,6 +668,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         load_after = os.getloadavg()
         compute = best_compute(before, compute_words_per_second(loaded))
         engine = engine_words_per_second(loaded)
+        engine["by_torch_threads"] = engine_by_threads(loaded)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -669,6 +701,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"COMPUTE (batch {COMPUTE_BATCH}, alone): {compute['words_per_second']:.0f} words/s")
     print(f"ENGINE ({engine['rows']} requests in flight, alone): "
           f"{engine['words_per_second']:.0f} words/s")  # fmt: skip
+    for where, by_threads in engine["by_torch_threads"].items():
+        print(f"ENGINE {where.replace('_', ' ')}, by torch threads: "
+              + ", ".join(f"{t}: {w:.0f}" for t, w in by_threads.items()))  # fmt: skip
     for name, value in found.items():
         print(f"{name}: {json.dumps(value)}")
     print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -318,6 +319,20 @@ def test_the_load_benchmark_times_the_engine_alone_on_whole_requests(tiny_run: P
     # Words are counted as requests finish, 25 each: a round that finished none counts none.
     assert engine["rows"] == 4
     assert engine["words_per_second"] >= WORDS / 0.3
+
+
+def test_the_load_benchmark_times_the_engine_by_threads_alone_and_beside_a_busy_core(
+    tiny_run: Path,
+) -> None:
+    from bench.serve_load import engine_by_threads, load_model
+
+    threads = torch.get_num_threads()
+    timed = engine_by_threads(load_model(tiny_run), seconds=0.1)
+    assert torch.get_num_threads() == threads  # given back
+    counts = sorted({str(threads), "1"}, reverse=True)
+    for where in ("alone", "beside_busy_core"):
+        assert sorted(timed[where], reverse=True) == counts
+        assert all(words > 0 for words in timed[where].values())
 
 
 def test_api_keys_from_repeated_flags() -> None:
