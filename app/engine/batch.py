@@ -105,12 +105,14 @@ class Batch:
     ) -> None:
         self.model = model
         self.vocab = vocab
-        self.banned = list(banned)
         self.copies = copies  # the training text's index, for `max_copy_words`
         self.hidden: Hidden | None = None
         self.rows: list[_Row] = []
         self._seqs: dict[Hashable, _Sequence] = {}
-        self._opening = _word_openings(vocab, model.embedding.weight.device)
+        device = model.embedding.weight.device
+        self._banned = torch.tensor(list(banned), dtype=torch.long, device=device)  # never drawn
+        opening = _word_openings(vocab, device)
+        self._continuing = None if opening is None else ~opening  # barred from a first piece
         self._fresh: Hidden | None = None  # the state after <bos>: where every new text starts
 
     @property
@@ -205,19 +207,23 @@ class Batch:
         if any(row.cache is not None for row in rows):
             nexts = [row.cache.next_ids() if row.cache is not None else None for row in rows]
             logits = raw = mix_rows(raw, nexts)
-        if self._opening is not None:
+        # The scores are changed in place from here (each copy of all B rows, and the wait
+        # for torch's threads that comes with it, cost more than the change): on a copy when
+        # `_scores` is to read the model's own.
+        if any(row.seq.job.logprobs is not None for row in rows):
+            logits = raw.clone()
+        if self._continuing is not None:
             starting = [pos for pos, row in enumerate(rows) if row.seq.texts[row.index].tokens == 0]
             if starting:  # a sample's first piece opens a word: the seed's last one is whole
                 index = torch.tensor(starting, device=logits.device)
-                logits = logits.index_copy(
-                    0, index, logits[index].masked_fill(~self._opening, -math.inf)
-                )
+                logits.index_copy_(0, index, logits[index].masked_fill(self._continuing, -math.inf))
         if any(row.seq.job.params.penalizes for row in rows):
             params = [row.seq.job.params for row in rows]
             texts, counts = [row.text for row in rows], [row.generated for row in rows]
             logits = penalize(logits, params, texts, counts)
         if self.copies is not None and any(row.seq.job.params.max_copy_words for row in rows):
             logits = self._forbid_copies(logits)
+        logits.index_fill_(1, self._banned, -math.inf)
         ids, failed = self._sample(logits)
         scores = self._scores(raw, ids)
         before, hidden = self.hidden, advance(self.model, self.hidden, ids)
@@ -273,7 +279,8 @@ class Batch:
         return logits
 
     def _sample(self, logits: torch.Tensor) -> tuple[list[int], dict[_Sequence, Exception]]:
-        """Each row's next id from its (B, V) ``logits``, all rows in one call.
+        """Each row's next id from its (B, V) ``logits`` (the banned ids already -inf), all
+        rows in one call.
 
         When that call fails, each row is sampled alone, its generator first rewound to where
         it was before this step, so that the rows that do not fail draw exactly what they
@@ -283,7 +290,7 @@ class Batch:
         rows = self.rows
         params = [row.seq.job.params for row in rows]
         try:
-            return sample(logits, params, [row.generator for row in rows], self.banned), {}
+            return sample(logits, params, [row.generator for row in rows]), {}
         except Exception:
             log.warning("sampling %d rows at once failed; sampling each alone", len(rows))
         ids: list[int] = []
@@ -291,7 +298,7 @@ class Batch:
         for pos, row in enumerate(rows):
             try:
                 row.generator.rewind(row.seq.texts[row.index].tokens)
-                ids += sample(logits[pos : pos + 1], [params[pos]], [row.generator], self.banned)
+                ids += sample(logits[pos : pos + 1], [params[pos]], [row.generator])
             except Exception as exc:
                 failed.setdefault(row.seq, exc)
                 ids.append(self.vocab.bos_id)
@@ -311,11 +318,9 @@ class Batch:
         top = max(w or 0 for w in wanted)
         alternatives: list[Alternatives] = [()] * len(ids)
         if top:
-            allowed = log_probs.index_fill(
-                1, torch.tensor(self.banned, device=logits.device), -math.inf
-            )
-            if self._opening is not None:
-                allowed = allowed.masked_fill(~self._opening, -math.inf)
+            allowed = log_probs.index_fill(1, self._banned, -math.inf)
+            if self._continuing is not None:
+                allowed = allowed.masked_fill(self._continuing, -math.inf)
             values, top_ids = allowed.topk(min(top, allowed.shape[1]), dim=1)
             for pos, (row_values, row_ids) in enumerate(
                 zip(values.tolist(), top_ids.tolist(), strict=True)
