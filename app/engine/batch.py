@@ -111,8 +111,7 @@ class Batch:
         self._seqs: dict[Hashable, _Sequence] = {}
         device = model.embedding.weight.device
         self._banned = torch.tensor(list(banned), dtype=torch.long, device=device)  # never drawn
-        opening = _word_openings(vocab, device)
-        self._continuing = None if opening is None else ~opening  # barred from a first piece
+        self._continuing = _continuations(vocab, device)  # barred from a sample's first piece
         self._fresh: Hidden | None = None  # the state after <bos>: where every new text starts
 
     @property
@@ -413,11 +412,12 @@ def _check_ids(ids: Sequence[int], vocab_size: int) -> ValueError | None:
     )
 
 
-def _word_openings(vocab: Vocab, device: torch.device) -> torch.Tensor | None:
-    """(V,) which ids may open a sample (a subword start piece), or None when any may."""
+def _continuations(vocab: Vocab, device: torch.device) -> torch.Tensor | None:
+    """(V,) which ids continue a word (a subword vocabulary's pieces that open none), or None
+    when every id opens one."""
     if not vocab.is_subword:
         return None
-    return torch.tensor(vocab.starts_word(), dtype=torch.bool, device=device)
+    return ~torch.tensor(vocab.starts_word(), dtype=torch.bool, device=device)
 
 
 def _starts_each(
