@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import io
 import itertools
@@ -72,7 +73,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -150,6 +151,32 @@ def seed_of(vocab: Vocab) -> tuple[list[str], list[int]]:
     return words, vocab.encode_words(words)[0]
 
 
+def by_torch_threads(measure: Callable[[], float]) -> dict[str, float]:
+    """``measure()`` with one torch thread and with torch's default, by thread count (the
+    default given back afterwards)."""
+    default = torch.get_num_threads()
+    out: dict[str, float] = {}
+    try:
+        for threads in sorted({1, default}):
+            torch.set_num_threads(threads)
+            out[str(threads)] = measure()
+    finally:
+        torch.set_num_threads(default)
+    return out
+
+
+@contextlib.contextmanager
+def busy_core() -> Iterator[None]:
+    """Another process keeps one core busy with Python while the block runs, as the event
+    loop and ``hey`` do in the server runs (without sharing this process' interpreter lock)."""
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        busy.kill()
+        busy.wait()
+
+
 def compute_words_per_second(loaded: Checkpoint, batch: int = COMPUTE_BATCH) -> dict[str, Any]:
     """The model's own batched step, alone: logits, sampling, RNN cell, at ``batch`` rows.
 
@@ -171,13 +198,13 @@ def compute_words_per_second(loaded: Checkpoint, batch: int = COMPUTE_BATCH) -> 
     seed = seed_of(vocab)[1]
     params = [SamplingParams()] * batch
     generators = [Draws(i) for i in range(batch)]  # as the engine draws: a block at a time
-    default_threads = torch.get_num_threads()
-    by_threads: dict[str, float] = {}
     with torch.inference_mode():
         hidden = prime(model, [seed] * batch, vocab.bos_id)
-        for threads in sorted({1, default_threads}):
-            torch.set_num_threads(threads)
-            best = 0.0
+
+    def measure() -> float:
+        nonlocal hidden
+        best = 0.0
+        with torch.inference_mode():
             for _ in range(3):  # best of three rounds of a few hundred steps
                 words, started = 0, time.perf_counter()
                 while (elapsed := time.perf_counter() - started) < 2.0:
@@ -185,8 +212,9 @@ def compute_words_per_second(loaded: Checkpoint, batch: int = COMPUTE_BATCH) -> 
                     hidden = advance(model, hidden, ids)
                     words += sum(opens[i] for i in ids)
                 best = max(best, words / elapsed)
-            by_threads[str(threads)] = best
-    torch.set_num_threads(default_threads)
+        return best
+
+    by_threads = by_torch_threads(measure)
     return {
         "batch": batch,
         "words_per_second": max(by_threads.values()),
@@ -240,33 +268,24 @@ def engine_words_per_second(
     return {"rows": rows, "words_per_second": best, "torch_threads": torch.get_num_threads()}
 
 
-def engine_by_threads(loaded: Checkpoint, seconds: float = 1.0) -> dict[str, dict[str, float]]:
-    """ENGINE (`engine_words_per_second`) with torch's default threads and with one, alone and
-    beside a process that keeps one core busy with Python, as the event loop and ``hey`` do in
-    the server runs (without sharing this process' interpreter lock): how much of the engine's
-    speed rests on having every core to itself. In words/s, by torch threads."""
-    default = torch.get_num_threads()
-    counts = sorted({default, 1}, reverse=True)
-    out: dict[str, dict[str, float]] = {"alone": {}, "beside_busy_core": {}}
-    try:
-        for where in out:
-            busy = (
-                subprocess.Popen([sys.executable, "-c", "while True: pass"])
-                if where == "beside_busy_core"
-                else None
-            )
-            try:
-                for threads in counts:
-                    torch.set_num_threads(threads)
-                    words = engine_words_per_second(loaded, seconds=seconds)["words_per_second"]
-                    out[where][str(threads)] = words
-            finally:
-                if busy is not None:
-                    busy.kill()
-                    busy.wait()
-    finally:
-        torch.set_num_threads(default)
-    return out
+def engine_alone(loaded: Checkpoint, seconds: float = 2.0) -> dict[str, Any]:
+    """ENGINE (`engine_words_per_second`, with torch's default threads) and how it changes with
+    one thread and beside a `busy_core`: how much of the engine's speed rests on having every
+    core to itself. In words/s."""
+
+    def measure() -> float:
+        return float(engine_words_per_second(loaded, seconds=seconds)["words_per_second"])
+
+    alone = by_torch_threads(measure)
+    with busy_core():
+        beside = by_torch_threads(measure)
+    threads = torch.get_num_threads()
+    return {
+        "rows": COMPUTE_BATCH,
+        "words_per_second": alone[str(threads)],
+        "torch_threads": threads,
+        "by_torch_threads": {"alone": alone, "beside_busy_core": beside},
+    }
 
 
 def best_compute(*runs: dict[str, Any]) -> dict[str, Any]:
@@ -667,8 +686,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             results = bench_servers(run_dir, hey, args, modes, Path(logdir))
         load_after = os.getloadavg()
         compute = best_compute(before, compute_words_per_second(loaded))
-        engine = engine_words_per_second(loaded)
-        engine["by_torch_threads"] = engine_by_threads(loaded)
+        engine = engine_alone(loaded)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

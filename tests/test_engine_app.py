@@ -324,15 +324,19 @@ def test_the_load_benchmark_times_the_engine_alone_on_whole_requests(tiny_run: P
 def test_the_load_benchmark_times_the_engine_by_threads_alone_and_beside_a_busy_core(
     tiny_run: Path,
 ) -> None:
-    from bench.serve_load import engine_by_threads, load_model
+    from bench.serve_load import engine_alone, load_model
 
     threads = torch.get_num_threads()
-    timed = engine_by_threads(load_model(tiny_run), seconds=0.1)
+    engine = engine_alone(load_model(tiny_run), seconds=0.1)
     assert torch.get_num_threads() == threads  # given back
+    timed = engine["by_torch_threads"]
     counts = sorted({str(threads), "1"}, reverse=True)
     for where in ("alone", "beside_busy_core"):
         assert sorted(timed[where], reverse=True) == counts
         assert all(words > 0 for words in timed[where].values())
+    # ENGINE is the default threads' figure alone, not a second measurement of it.
+    assert engine["words_per_second"] == timed["alone"][str(threads)]
+    assert engine["torch_threads"] == threads
 
 
 def test_api_keys_from_repeated_flags() -> None:
