@@ -468,7 +468,8 @@ def load(
     run_dir: Path | str, device: str | torch.device = "cpu", quantize: str = "off"
 ) -> Checkpoint:
     """Load and verify a run folder's best weights onto ``device``, in eval mode; with
-    ``quantize`` ``"int8"``, as `network.quantized` makes them (the CPU only).
+    ``quantize`` ``"int8"``, as `network.quantized` makes them (the CPU only). An LSTM's
+    input projections are worked out once (`WordRNN.tabulate_inputs`).
 
     Every file is checked against the sha256 in the manifest and every tensor against the
     shapes the config and the vocabulary imply, and for NaN or infinite values; any problem
@@ -498,6 +499,7 @@ def load(
     model.to(dev).eval()
     if quantize == "int8":
         model = quantized(model)
+    model.tabulate_inputs()  # the model is frozen from here: its steps may read a table
     copies = _copies(run_dir, manifest)
     return Checkpoint(run_dir, model, vocab, config, training, manifest, dev, copies)
 

@@ -169,6 +169,34 @@ class LockedDropout(nn.Module):
 
 
 CELL_STEPS = 8  # an LSTM is fed up to this many steps cell by cell on a CPU (WordRNN.recur)
+# The most a frozen LSTM's input table may take (`WordRNN.tabulate_inputs`): 16 MiB for the
+# default model's 4,003 ids and 256 units; a vocabulary of words is often too large for it.
+INPUT_TABLE_BYTES = 32 * 2**20
+
+
+@dataclass(frozen=True)
+class _InputTable:
+    gates: Tensor  # (V, 4 H): each id's first-layer input projection
+    versions: tuple[int, ...]  # of the weights it was made from
+
+
+def _versions(tensors: Sequence[Tensor]) -> tuple[int, ...]:
+    """The tensors' in-place change counters: any optimizer step moves them."""
+    return tuple(t._version for t in tensors)
+
+
+def projected_lstm_cell(
+    gates_in: Tensor, state: tuple[Tensor, Tensor], w_hh: Tensor, b_hh: Tensor
+) -> tuple[Tensor, Tensor]:
+    """`torch.lstm_cell` given the input's projection: the operations of torch's own CPU
+    cell with its input projected beforehand (as its full-sequence layer does), in order,
+    so the same numbers come out."""
+    h, c = state
+    gates = F.linear(h, w_hh, b_hh).add_(gates_in)
+    i, f, g, o = gates.unsafe_chunk(4, 1)
+    i, f, g, o = i.sigmoid_(), f.sigmoid_(), g.tanh_(), o.sigmoid_()
+    c = (f * c).add_(i * g)
+    return o * c.tanh(), c
 
 
 class WordRNN(nn.Module):
@@ -198,6 +226,7 @@ class WordRNN(nn.Module):
             self.rnn = nn.GRU(**rnn_kwargs)
         else:
             self.rnn = nn.RNN(nonlinearity=config.cell.removeprefix("rnn_"), **rnn_kwargs)
+        self._input_table: _InputTable | None = None  # `tabulate_inputs`
         self.decoder: nn.Linear | None = None
         self.adaptive: nn.AdaptiveLogSoftmaxWithLoss | None = None
         if config.softmax == "adaptive":
@@ -230,7 +259,63 @@ class WordRNN(nn.Module):
 
     def step(self, ids: Tensor, hidden: Hidden) -> Hidden:
         """Feed (B,) ids, one per row, on top of ``hidden``: the state after them."""
-        return self.recur(self.embedding(ids).unsqueeze(1), hidden)
+        return self.feed(ids.unsqueeze(1), hidden)
+
+    def feed(self, ids: Tensor, hidden: Hidden | None = None) -> Hidden:
+        """Feed (B, T) ids through the embedding and the recurrent cell on top of ``hidden``
+        (zeros when None): the state after them. With an input table (`tabulate_inputs`), the
+        first LSTM layer's input projections are read from it instead of computed."""
+        table = self._input_table
+        if table is not None and self._by_cells(ids) and self._table_is_current(table):
+            return self._lstm_cells(F.embedding(ids, table.gates), hidden, projected=True)
+        return self.recur(self.embedding(ids), hidden)
+
+    def tabulate_inputs(self, max_bytes: int = INPUT_TABLE_BYTES) -> bool:
+        """Work out once, for every id, what the first LSTM layer makes of its embedding
+        (``W_ih x + b_ih``: a (V, 4 H) table of at most ``max_bytes``), so that each step of
+        a frozen model reads rows instead of multiplying. That product is about two fifths
+        of a cell step's work on a CPU, and a joining seed's few rows read all its weights
+        once per word. Whether the model has a table: an LSTM on a CPU whose table fits,
+        with weights whose changes can be told (not inference tensors); other cells' steps
+        go through the module.
+
+        The states are those fed without a table up to their last bits, which some CPUs'
+        matrix kernels round differently for a product of a few rows and one of thousands.
+        Changing the weights (training) retires the table; it is not in the state dict."""
+        self._input_table = None
+        weight = self.embedding.weight
+        if not (type(self.rnn) is nn.LSTM and weight.device.type == "cpu"):
+            return False
+        w_ih, _, b_ih, _ = self.rnn.all_weights[0]
+        if any(t.is_inference() for t in (weight, w_ih, b_ih)):
+            return False
+        if weight.shape[0] * w_ih.shape[0] * weight.element_size() > max_bytes:
+            return False
+        with torch.no_grad():
+            gates = F.linear(weight, w_ih, b_ih)
+        self._input_table = _InputTable(gates, _versions((weight, w_ih, b_ih)))
+        return True
+
+    @property
+    def input_table(self) -> Tensor | None:
+        """The (V, 4 H) input table of `tabulate_inputs`, while the model has one."""
+        return self._input_table.gates if self._input_table is not None else None
+
+    def _table_is_current(self, table: _InputTable) -> bool:
+        w_ih, _, b_ih, _ = self.rnn.all_weights[0]
+        if _versions((self.embedding.weight, w_ih, b_ih)) == table.versions:
+            return True
+        self._input_table = None  # the weights changed since
+        return False
+
+    def _by_cells(self, inputs: Tensor) -> bool:
+        """Whether ``inputs`` ((B, T, ...)) are fed cell by cell (`recur`)."""
+        return (
+            type(self.rnn) is nn.LSTM
+            and not self.rnn.training
+            and inputs.device.type == "cpu"
+            and inputs.shape[1] <= CELL_STEPS
+        )
 
     def recur(self, inputs: Tensor, hidden: Hidden | None = None) -> Hidden:
         """Feed (B, T, E) inputs through the recurrent cell on top of ``hidden`` (zeros when
@@ -243,22 +328,25 @@ class WordRNN(nn.Module):
         of 650), and a server's one-row generations (``--engine naive``) went 44% faster
         without it. A longer sequence, where oneDNN's kernel wins, is fed by the module.
         """
-        rnn = self.rnn
-        if not (
-            type(rnn) is nn.LSTM
-            and not rnn.training
-            and inputs.device.type == "cpu"
-            and inputs.shape[1] <= CELL_STEPS
-        ):
-            _, hidden = rnn(inputs, hidden)
+        if not self._by_cells(inputs):
+            _, hidden = self.rnn(inputs, hidden)
             return cast(Hidden, hidden)
+        return self._lstm_cells(inputs, hidden, projected=False)
+
+    def _lstm_cells(self, inputs: Tensor, hidden: Hidden | None, projected: bool) -> Hidden:
+        """The LSTM fed (B, T, ...) ``inputs`` step by step with `torch.lstm_cell`; with
+        ``projected`` the inputs are the first layer's (B, T, 4 H) input projections."""
         h, c = cast(tuple[Tensor, Tensor], hidden or self.init_hidden(inputs.shape[0]))
-        layers = rnn.all_weights  # each layer's weight_ih, weight_hh, bias_ih, bias_hh
+        layers = self.rnn.all_weights  # each layer's weight_ih, weight_hh, bias_ih, bias_hh
         hs, cs = list(h.unbind(0)), list(c.unbind(0))
         for t in range(inputs.shape[1]):
             x = inputs[:, t]
             for layer, weights in enumerate(layers):
-                hs[layer], cs[layer] = torch.lstm_cell(x, (hs[layer], cs[layer]), *weights)
+                state = (hs[layer], cs[layer])
+                if projected and layer == 0:
+                    hs[0], cs[0] = projected_lstm_cell(x, state, weights[1], weights[3])
+                else:
+                    hs[layer], cs[layer] = torch.lstm_cell(x, state, *weights)
                 x = hs[layer]
         return torch.stack(hs), torch.stack(cs)
 

@@ -220,7 +220,7 @@ def feed(model: WordRNN, seqs: Sequence[Sequence[int]], hidden: Hidden | None = 
     with torch.inference_mode():
         if len({len(ids) for ids in lists}) == 1:
             ids = torch.tensor(lists, dtype=torch.long, device=device)  # (B, T)
-            return model.recur(model.embedding(ids), hidden)
+            return model.feed(ids, hidden)
         emb = [model.embedding(torch.tensor(ids, device=device)) for ids in lists]  # (T_i, E)
         _, hidden = model.rnn(pack_sequence(emb, enforce_sorted=False), hidden)
     return hidden  # type: ignore[no-any-return]

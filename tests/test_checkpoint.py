@@ -98,6 +98,15 @@ def test_load_returns_the_vocab_config_and_an_eval_model(tmp_path: Path) -> None
     assert (loaded.model.training, loaded.device) == (False, torch.device("cpu"))
 
 
+@pytest.mark.parametrize(("cell", "table"), [("lstm", True), ("gru", False)])
+def test_a_loaded_lstm_is_frozen_with_its_input_table(
+    tmp_path: Path, cell: str, table: bool
+) -> None:
+    """A loaded model serves: an LSTM's steps read their input projections from a table."""
+    loaded = checkpoint.load(first_commit(tmp_path / "run", make_model(cell=cell)))
+    assert (loaded.model.input_table is not None) is table
+
+
 def test_load_keeps_tied_weights_tied(tmp_path: Path) -> None:
     loaded = checkpoint.load(first_commit(tmp_path / "run", make_model(tie_weights=True)))
     assert loaded.model.decoder is not None

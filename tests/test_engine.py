@@ -220,13 +220,13 @@ def test_new_texts_join_from_the_state_after_bos_fed_once(
     loaded = models["lstm"]
     model, vocab = loaded.model, loaded.vocab
     fed: list[tuple[int, int]] = []  # (rows, steps) of each pass through the cell
-    recur = model.recur
+    feed = model.feed
 
-    def counting(inputs: torch.Tensor, hidden: Any = None) -> Any:
-        fed.append((inputs.shape[0], inputs.shape[1]))
-        return recur(inputs, hidden)
+    def counting(ids: torch.Tensor, hidden: Any = None) -> Any:
+        fed.append((ids.shape[0], ids.shape[1]))
+        return feed(ids, hidden)
 
-    monkeypatch.setattr(model, "recur", counting)
+    monkeypatch.setattr(model, "feed", counting)
     seed = vocab.encode_words(["I", "can", "see"])[0]
     batch = Batch(model, vocab, vocab.special_ids)
     first = [job(seed_ids=seed, keep_state=True, max_words=0, random_seed=i) for i in range(2)]

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from model_store.network import (
@@ -25,6 +26,8 @@ from model_store.network import (
     hidden_select,
     hidden_shapes,
     hidden_to_tensors,
+    projected_lstm_cell,
+    quantized,
     state_shapes,
     top_features,
 )
@@ -309,7 +312,9 @@ def test_an_lstm_fed_cell_by_cell_gives_torchs_own_kernel_numbers(
     layers: int, steps: int, start: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A few steps of an LSTM on a CPU go through `torch.lstm_cell`, never the module (whose
-    oneDNN kernel costs many steps a call): exactly the numbers of torch's own kernel."""
+    oneDNN kernel costs many steps a call): exactly the numbers of torch's own kernel fed one
+    step a call. (Fed several at once, it projects all their inputs in one product, whose
+    last bits some CPUs' matrix kernels make depend on the number of rows.)"""
     model = make_model(cell="lstm", layers=layers).eval()
     torch.manual_seed(1)
     inputs = torch.randn(3, steps, DIM)
@@ -317,7 +322,10 @@ def test_an_lstm_fed_cell_by_cell_gives_torchs_own_kernel_numbers(
     hidden = None if start == "zeros" else given
     with monkeypatch.context() as patched:
         patched.setattr(torch.backends.mkldnn, "enabled", False)
-        _, want = model.rnn(inputs, hidden)
+        want = hidden
+        for t in range(steps):
+            _, want = model.rnn(inputs[:, t : t + 1], want)
+        assert want is not None
     with monkeypatch.context() as patched:
         patched.setattr(model.rnn, "forward", _refuse)
         got = model.recur(inputs, hidden)
@@ -326,6 +334,92 @@ def test_an_lstm_fed_cell_by_cell_gives_torchs_own_kernel_numbers(
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
     fed = model.rnn(model.embedding(ids).unsqueeze(1), given)[1]
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(stepped, fed, strict=True))
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+@pytest.mark.parametrize("steps", [1, CELL_STEPS])
+def test_an_input_table_gives_the_numbers_of_the_cells(
+    layers: int, steps: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With its input table a frozen LSTM reads the first layer's input projections instead
+    of computing them, and its states are those it computes without one (to the last bits,
+    which the matrix kernel may give a batch of the vocabulary's size and one of a few rows
+    differently)."""
+    model = make_model(cell="lstm", layers=layers).eval()
+    torch.manual_seed(1)
+    ids = torch.randint(VOCAB, (3, steps))
+    given = (torch.randn(layers, 3, DIM), torch.randn(layers, 3, DIM))
+    want = model.feed(ids, given)
+    assert model.input_table is None
+    assert model.tabulate_inputs()
+    assert model.input_table is not None
+    assert model.input_table.shape == (VOCAB, 4 * DIM)
+    with monkeypatch.context() as patched:
+        patched.setattr(model.rnn, "forward", _refuse)
+        got = model.feed(ids, given)
+        stepped = model.step(ids[:, 0], given)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, want, strict=True))
+    first = model.feed(ids[:, :1], given)
+    assert all(torch.equal(a, b) for a, b in zip(stepped, first, strict=True))
+
+
+def test_a_projected_cell_is_torchs_cell_to_the_last_bit() -> None:
+    """Given the projection `torch.lstm_cell` makes of its input, the table's cell runs its
+    operations in its order: the same numbers."""
+    model = make_model(cell="lstm").eval()
+    w_ih, w_hh, b_ih, b_hh = model.rnn.all_weights[0]
+    torch.manual_seed(2)
+    x, h, c = torch.randn(5, DIM), torch.randn(5, DIM), torch.randn(5, DIM)
+    with torch.no_grad():
+        want = torch.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)
+        got = projected_lstm_cell(F.linear(x, w_ih, b_ih), (h, c), w_hh, b_hh)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_changing_the_weights_retires_the_input_table() -> None:
+    """A table made before an optimizer step would feed the old weights: after any in-place
+    change of the weights it came from, the model computes again and drops it."""
+    model = make_model(cell="lstm").eval()
+    model.tabulate_inputs()
+    ids = torch.randint(VOCAB, (3, 2))
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    model(ids)[0].sum().backward()
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        got = model.feed(ids)
+        want = model.recur(model.embedding(ids))
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert model.input_table is None
+
+
+@pytest.mark.parametrize(
+    ("cell", "max_bytes", "quantize", "made"),
+    [
+        ("lstm", VOCAB * 4 * DIM * 4, False, True),
+        ("lstm", VOCAB * 4 * DIM * 4 - 1, False, False),
+        ("lstm", 2**20, True, False),
+        ("gru", 2**20, False, False),
+        ("rnn_tanh", 2**20, False, False),
+    ],
+)
+def test_only_a_float_lstm_whose_table_fits_has_one(
+    cell: str, max_bytes: int, quantize: bool, made: bool
+) -> None:
+    model = make_model(cell=cell).eval()
+    if quantize:
+        model = quantized(model)
+    assert model.tabulate_inputs(max_bytes) is made
+    assert (model.input_table is not None) is made
+
+
+def test_weights_made_in_inference_mode_get_no_table() -> None:
+    """Their changes cannot be told (they keep no change counter): no table to go stale."""
+    with torch.inference_mode():
+        model = make_model(cell="lstm").eval()
+        assert not model.tabulate_inputs()
+        assert model.step(torch.tensor([1, 2]), model.init_hidden(2))[0].shape == (1, 2, DIM)
 
 
 @pytest.mark.parametrize("cell", CELLS)
