@@ -173,20 +173,30 @@ class CopyIndex:
         return after[after != _END]
 
     def longest_copy(self, words: Sequence[str]) -> int:
-        """How many words the longest run of ``words`` that occurs in the training text holds.
+        """How many words the longest run of ``words`` that occurs in the training text holds
+        (`longest_copies` of one text)."""
+        return self.longest_copies([words])[0]
 
-        First, for every start at once, the run of up to `_per_key` words: the suffix that
-        shares the longest start with it sits next to where it would be sorted in, so one
-        ``searchsorted`` and a comparison with the two neighbours give its length. Starts
+    def longest_copies(self, texts: Sequence[Sequence[str]]) -> list[int]:
+        """`longest_copy` of each text, all measured at once: a server measures the samples
+        that finish together in one pass, whose few array operations cost about what one
+        text's did (and each of them lets go of the interpreter lock, which the inference
+        thread then holds until its next operation).
+
+        First, for every start of every text at once, the run of up to `_per_key` words: the
+        suffix that shares the longest start with it sits next to where it would be sorted in,
+        so one ``searchsorted`` and a comparison with the two neighbours give its length (cut
+        at its text's end: what lies past it does not change the length up to there). Starts
         that match that far go on one word at a time, each within the range of suffixes that
         share its run so far (`_narrow`)."""
-        ids = self.word_ids(words)
-        n = len(ids)
+        ids_of = [self.word_ids(words) for words in texts]
+        sizes = np.array([len(ids) for ids in ids_of], np.int64)
+        n = int(sizes.sum())
         if not n:
-            return 0
+            return [0] * len(texts)
+        ids = np.concatenate(ids_of)
         width = self._per_key
-        # A missing word becomes a number no word of the text has; past the end, END (which
-        # the text has, so matches are cut at the end of ``words`` below).
+        # A missing word becomes a number no word of the text has; past the last text, END.
         padded = np.zeros(n + width, np.int64)
         padded[:n] = ids
         padded[:n][ids == _MISSING] = len(self.hashes) + 1
@@ -195,20 +205,30 @@ class CopyIndex:
         neighbours = self._keys.take(at[:, None] + _AROUND, mode="clip")  # (n, 2)
         closest = (neighbours ^ queries[:, None]).min(axis=1)
         shared = width - np.searchsorted(self._steps, closest, side="right")
-        shared = np.minimum(shared, np.arange(n, 0, -1))
-        best = int(shared.max())
-        for start in np.flatnonzero(shared == width).tolist():
-            length = width
-            if start + length >= n or n - start <= best:
-                continue  # nothing after it, or it cannot beat the best
-            lo, hi = self.span(tuple(ids[start : start + width].tolist()))
-            while start + length < n and (word := int(ids[start + length])) != _MISSING:
-                lo, hi = self._narrow(lo, hi, length, word)
-                if hi <= lo:
-                    break
-                length += 1
-            best = max(best, length)
-        return best
+        ends = np.cumsum(sizes)
+        owner = np.repeat(np.arange(len(texts)), sizes)  # each start's text
+        left = ends[owner] - np.arange(n)  # words from each start to its text's end
+        shared = np.minimum(shared, left)
+        best = np.zeros(len(texts), np.int64)
+        np.maximum.at(best, owner, shared)
+        for start in np.flatnonzero((shared == width) & (left > width)).tolist():
+            text = int(owner[start])
+            if left[start] <= best[text]:
+                continue  # it cannot beat the best
+            best[text] = max(best[text], self._extend(ids, start, int(ends[text])))
+        return best.tolist()  # type: ignore[no-any-return]
+
+    def _extend(self, ids: Ids, start: int, end: int) -> int:
+        """How far the run at ``start`` of ``ids``, whose first `_per_key` words occur, goes on
+        (not past ``end``), one word at a time."""
+        length = self._per_key
+        lo, hi = self.span(tuple(ids[start : start + length].tolist()))
+        while start + length < end and (word := int(ids[start + length])) != _MISSING:
+            lo, hi = self._narrow(lo, hi, length, word)
+            if hi <= lo:
+                break
+            length += 1
+        return length
 
     def _pack(self, grams: Ids) -> NDArray[np.uint64]:
         """(R, `_per_key`) word ids as the sortable keys of `_keys` (the fields do not

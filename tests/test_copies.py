@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.main import create_app
+from app.serving import CopyMeter
 from model_store import checkpoint
 from model_store.copies import CopyIndex, CopyIndexError
 from model_store.vocab import TokenizerSpec
@@ -56,6 +58,67 @@ def test_longest_copy_equals_a_brute_force_search(
         after = {gram[-1] for gram in in_text if gram[:-1] == run and len(gram) > len(run)}
         assert index.occurs(run) == any(gram[: len(run)] == run for gram in in_text)
         assert sorted(index.followers(run).tolist()) == sorted(index.word_ids(after).tolist())
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    documents=st.lists(st.lists(LETTERS, max_size=30), min_size=1, max_size=3),
+    texts=st.lists(st.lists(LETTERS, max_size=25), max_size=6),
+    copied=st.integers(0, 20),
+)
+def test_texts_measured_together_measure_as_each_alone(
+    documents: list[list[str]], texts: list[list[str]], copied: int
+) -> None:
+    """A server measures the samples that finish together at once: a text's runs never reach
+    into the next one's words."""
+    texts = [text[:2] + documents[0][i : i + copied] + text[2:] for i, text in enumerate(texts)]
+    index = CopyIndex.build(documents)
+    want = [max((longest_copy(doc, text) for doc in documents), default=0) for text in texts]
+    assert index.longest_copies(texts) == want
+
+
+class _CountingIndex:
+    """A copy index's `longest_copies` that records each pass and fails on the word "bad"."""
+
+    def __init__(self) -> None:
+        self.passes: list[list[list[str]]] = []
+
+    def longest_copies(self, texts: list[list[str]]) -> list[int]:
+        self.passes.append(texts)
+        if any("bad" in text for text in texts):
+            raise ValueError("a bad text")
+        return [len(text) for text in texts]
+
+
+def test_the_samples_that_finish_together_are_measured_in_one_pass() -> None:
+    index = _CountingIndex()
+    meter = CopyMeter(index)  # type: ignore[arg-type]
+
+    async def scenario() -> list[Any]:
+        asks = [meter.measure([["a"] * i, ["b"]]) for i in range(3)]
+        together = await asyncio.gather(*asks)
+        alone = await meter.measure([["c", "d"]])
+        return [*together, alone]
+
+    assert asyncio.run(scenario()) == [[0, 1], [1, 1], [2, 1], [2]]
+    assert [len(texts) for texts in index.passes] == [6, 1]
+
+
+def test_a_text_that_fails_fails_its_own_request_alone() -> None:
+    index = _CountingIndex()
+    meter = CopyMeter(index)  # type: ignore[arg-type]
+
+    async def scenario() -> list[Any]:
+        cancelled = asyncio.ensure_future(meter.measure([["gone"]]))
+        asks = [meter.measure([["a"]]), meter.measure([["x"], ["bad"]]), meter.measure([["b"]])]
+        await asyncio.sleep(0)
+        cancelled.cancel()
+        return await asyncio.gather(*asks, return_exceptions=True)
+
+    first, failed, last = asyncio.run(scenario())
+    assert (first, last) == ([1], [1])
+    assert isinstance(failed, ValueError)
+    assert ["gone"] not in [text for texts in index.passes for text in texts]
 
 
 def test_a_run_never_crosses_two_documents() -> None:
