@@ -108,9 +108,8 @@ class CopyMeter:
     here as it finishes, and one `CopyIndex.longest_copies` pass, run once the loop has let
     all of them ask, answers them all. Measured one sample at a time, each of a measure's
     array operations let go of the GIL, and under load the loop then waited for the
-    inference thread to hand it back: a third of the no-op route's CPU per request went
-    there. A pass that fails measures each request alone, so that only the requests whose
-    texts fail get the error.
+    inference thread to hand it back (the README has what that cost). A pass that fails
+    measures each request alone, so that only the requests whose texts fail get the error.
     """
 
     def __init__(self, index: CopyIndex) -> None:
