@@ -31,8 +31,7 @@ async def get_settings(request: Request) -> Settings:
 
 
 async def get_caller(request: Request) -> str | None:
-    """The fingerprint of the caller's key when it is a valid one, else None. FastAPI runs it
-    once a request, however many dependencies ask for it."""
+    """The fingerprint of the caller's key when it is a valid one, else None."""
     settings: Settings = request.app.state.settings
     return key_owner(settings.api_keys, presented_key(request.headers))
 
@@ -48,13 +47,15 @@ async def get_service(request: Request) -> TextService:
     return registry.default.service
 
 
-async def get_models(request: Request, caller: CallerDep) -> ModelAccess:
-    """The served models, with the caller's key fingerprint (whose sessions it may use); a
-    503 before they are loaded and while stopping."""
+async def get_models(request: Request) -> ModelAccess:
+    """The served models, with the caller's key fingerprint (whose sessions it may use: None
+    without a valid key); a 503 before they are loaded and while stopping. The caller is read
+    here, not declared as a dependency: each level of dependencies a request goes through
+    costs FastAPI more than reading the key (with keys set, `require_api_key` reads it too)."""
     registry: ModelRegistry | None = request.app.state.models
     if registry is None:
         raise _not_ready(request)
-    return ModelAccess(registry, caller)
+    return ModelAccess(registry, await get_caller(request))
 
 
 def _not_ready(request: Request) -> ApiError:
@@ -73,7 +74,7 @@ ModelsDep = Annotated[ModelAccess, Depends(get_models)]
 async def require_api_key(
     caller: CallerDep,
     # Declared so that the OpenAPI schema shows both ways of sending a key; `get_caller`
-    # reads the key itself, once.
+    # reads the key itself.
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     api_key: Annotated[str | None, Depends(_api_key_header)],
 ) -> None:
