@@ -10,8 +10,9 @@ which a run of any length is found by binary search.
 Words are those users see (`TokenizerSpec.words`, the same as a sample's ``words``); line
 breaks are not words here, so a run that goes on across a line is one run.
 
-`CopyIndex.longest_copy` measures a text; `CopyGuard` tells the sampler which next tokens would
-make a run longer than a limit (for a subword model: which pieces would end a word that would).
+`CopyIndex.longest_copy` measures a text (`longest_copies`, many at once); `CopyGuard` tells
+the sampler which next tokens would make a run longer than a limit (for a subword model: which
+pieces would end a word that would).
 """
 
 from __future__ import annotations

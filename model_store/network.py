@@ -273,11 +273,11 @@ class WordRNN(nn.Module):
     def tabulate_inputs(self, max_bytes: int = INPUT_TABLE_BYTES) -> bool:
         """Work out once, for every id, what the first LSTM layer makes of its embedding
         (``W_ih x + b_ih``: a (V, 4 H) table of at most ``max_bytes``), so that each step of
-        a frozen model reads rows instead of multiplying. That product is about two fifths
-        of a cell step's work on a CPU, and a joining seed's few rows read all its weights
-        once per word. Whether the model has a table: an LSTM on a CPU whose table fits,
-        with weights whose changes can be told (not inference tensors); other cells' steps
-        go through the module.
+        a frozen model reads rows instead of multiplying. That product is half of a cell
+        step's multiply-adds (as many as the recurrent weights'), and a joining seed's few
+        rows read all its weights once per word. Whether the model has a table: an LSTM on a
+        CPU whose table fits, with weights whose changes can be told (not inference tensors);
+        other cells' steps go through the module.
 
         The states are those fed without a table up to their last bits, which some CPUs'
         matrix kernels round differently for a product of a few rows and one of thousands.
