@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -296,14 +297,68 @@ def advance(model: WordRNN, hidden: Hidden, ids: Sequence[int] | Tensor) -> Hidd
         return model.step(step, hidden)
 
 
+class SamplingPlan:
+    """How the rows of a batch draw, from their `SamplingParams`: rows grouped by the
+    candidates they rank (`_candidates`), and, in each group, the tensors of the limits some
+    row sets (its own top-k below the group's, its temperature, ``uniform``, ``top_p``).
+
+    Worked out once for as long as the rows stay the same: a server's batch keeps its rows
+    for many steps, and asking each row's parameters at every step was most of a step's
+    Python around the sampling's few tensor operations.
+    """
+
+    def __init__(self, params: Sequence[SamplingParams], vocab_size: int, device: torch.device):
+        self.rows = len(params)
+        groups: dict[int, list[int]] = {}  # k (0: the whole vocabulary, unsorted) -> rows
+        for row, p in enumerate(params):
+            groups.setdefault(_candidates(p, vocab_size), []).append(row)
+        self.groups = [
+            _Group.of(k, [params[r] for r in rows], rows, len(params), device)
+            for k, rows in groups.items()
+        ]
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Rows that rank the same number of candidates ``k``, and their own limits as tensors,
+    each None where no row of the group needs it."""
+
+    k: int
+    rows: Tensor | None  # their positions in the batch; None: all of its rows
+    limits: Tensor | None  # (R, 1) each row's top_k, where one is below k
+    temps: Tensor | None  # (R, 1) each row's temperature, where one is not 1
+    uniform: Tensor | None  # (R, 1) which rows pick uniformly, where one does
+    top_ps: Tensor | None  # (R, 1) each row's top_p, where one is below 1 (k > 0)
+
+    @classmethod
+    def of(
+        cls, k: int, params: list[SamplingParams], rows: list[int], batch: int, device: torch.device
+    ) -> _Group:
+        def column(values: list[Any]) -> Tensor:
+            return torch.tensor(values, device=device).unsqueeze(1)
+
+        ks = [min(p.top_k or k, k) for p in params]
+        temps = [p.temperature or 1.0 for p in params]
+        return cls(
+            k,
+            None if len(rows) == batch else torch.tensor(rows, device=device),
+            column(ks) if k and min(ks) < k else None,
+            column(temps) if any(t != 1.0 for t in temps) else None,
+            column([p.uniform for p in params]) if any(p.uniform for p in params) else None,
+            column([p.top_p for p in params]) if k and any(p.top_p < 1 for p in params) else None,
+        )
+
+
 def sample(
     logits: Tensor,
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | Draws],
     banned_ids: Sequence[int] = (),
+    plan: SamplingPlan | None = None,
 ) -> list[int]:
     """Pick one id per row of (B, V) ``logits``, each row with its own params and generator
-    (or `Draws`, the same numbers drawn a block at a time).
+    (or `Draws`, the same numbers drawn a block at a time); ``plan`` is these params'
+    `SamplingPlan`, when the caller keeps one (else it is worked out here).
 
     ``banned_ids`` (typically <unk> and <bos>) are never picked. Never a softmax plus a
     multinomial over the whole vocabulary: a row draws by ``cumsum`` + ``searchsorted``, far
@@ -315,6 +370,10 @@ def sample(
     batch, vocab_size = logits.shape
     if not (len(params) == len(generators) == batch):
         raise ValueError("one SamplingParams and one generator per row")
+    if plan is None:
+        plan = SamplingPlan(params, vocab_size, logits.device)
+    elif plan.rows != batch:
+        raise ValueError("the plan is for another batch")
     with torch.inference_mode():
         logits = logits.float()
         if banned_ids:
@@ -323,21 +382,17 @@ def sample(
             )
         draws = torch.tensor(
             [
-                g.take() if isinstance(g, Draws) else torch.rand(1, generator=g).item()
+                g.take() if type(g) is Draws else torch.rand(1, generator=g).item()
                 for g in generators
             ],
             device=logits.device,
         )
-        groups: dict[int, list[int]] = {}  # k (0: the whole vocabulary, unsorted) -> rows
-        for row, p in enumerate(params):
-            groups.setdefault(_candidates(p, vocab_size), []).append(row)
-        if len(groups) == 1:
-            ((k, _),) = groups.items()
-            return _draw(logits, params, draws, k).tolist()  # type: ignore[no-any-return]
+        if len(plan.groups) == 1:
+            return _draw(logits, draws, plan.groups[0]).tolist()  # type: ignore[no-any-return]
         ids = torch.empty(batch, dtype=torch.long, device=logits.device)
-        for k, rows in groups.items():
-            index = torch.tensor(rows, device=logits.device)
-            ids[index] = _draw(logits[index], [params[r] for r in rows], draws[index], k)
+        for group in plan.groups:
+            assert group.rows is not None
+            ids[group.rows] = _draw(logits[group.rows], draws[group.rows], group)
         return ids.tolist()  # type: ignore[no-any-return]
 
 
@@ -379,36 +434,30 @@ def top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return values, torch.where(in_blocks, block * BLOCK + at % BLOCK, at - k * BLOCK + whole)
 
 
-def _draw(logits: Tensor, params: Sequence[SamplingParams], draws: Tensor, k: int) -> Tensor:
-    """One id per row: among the top ``k`` of each row's ranked logits, or among all of them
-    unsorted when ``k`` is 0. ``draws`` holds each row's uniform number."""
-    # Each row's own limits, as tensors only where some row needs them: a step's few (B, k)
-    # operations are cheap, and building and applying the tensors was most of their cost.
+def _draw(logits: Tensor, draws: Tensor, group: _Group) -> Tensor:
+    """One id per row: among the top ``group.k`` of each row's ranked logits, or among all
+    of them unsorted when it is 0. ``draws`` holds each row's uniform number."""
+    k = group.k
     if k == 0:
         vals, idx = logits, None
     else:
         vals, idx = top_k(logits, k)  # (B, k) sorted descending
-        ks = [min(p.top_k or k, k) for p in params]
-        if min(ks) < k:
-            limits = torch.tensor(ks, device=vals.device).unsqueeze(1)
-            vals = vals.masked_fill(torch.arange(k, device=vals.device) >= limits, -torch.inf)
+        if group.limits is not None:
+            vals = vals.masked_fill(torch.arange(k, device=vals.device) >= group.limits, -torch.inf)
     device = vals.device
     # Shift so the best score is 0 before dividing: a tiny temperature then sends the others
     # to -inf instead of overflowing every score to inf.
     scaled = vals - vals.amax(dim=-1, keepdim=True)
-    temps = [p.temperature or 1.0 for p in params]
-    if any(t != 1.0 for t in temps):  # dividing by 1 would change nothing
-        scaled = scaled / torch.tensor(temps, device=device).unsqueeze(1)
-    if any(p.uniform for p in params):
-        uniform = torch.tensor([p.uniform for p in params], device=device).unsqueeze(1)
-        scaled = torch.where(uniform & vals.isfinite(), torch.zeros_like(scaled), scaled)
+    if group.temps is not None:  # dividing by 1 would change nothing
+        scaled = scaled / group.temps
+    if group.uniform is not None:
+        scaled = torch.where(group.uniform & vals.isfinite(), torch.zeros_like(scaled), scaled)
     weights = scaled.exp()  # (B, K), unnormalised; 0 for the words a row may not pick
-    if idx is not None and any(p.top_p < 1 for p in params):
-        top_ps = torch.tensor([p.top_p for p in params], device=device).unsqueeze(1)
+    if group.top_ps is not None:
         probs = weights / weights.sum(-1, keepdim=True)
         before = probs.cumsum(-1) - probs  # mass of the better-ranked words
         rank = torch.arange(k, device=device).unsqueeze(0)
-        weights = weights.masked_fill((before >= top_ps) & (rank > 0), 0.0)
+        weights = weights.masked_fill((before >= group.top_ps) & (rank > 0), 0.0)
     cdf = weights.cumsum(-1)
     target = (draws * cdf[:, -1]).unsqueeze(1)  # (B, 1)
     choice = torch.searchsorted(cdf, target, right=True)

@@ -258,6 +258,25 @@ def test_rows_of_different_requests_share_each_step(models: dict[str, Checkpoint
     assert sizes == [3, 3, 4, 3, 3, 3]
 
 
+def test_rows_that_come_and_go_draw_with_their_own_parameters_in_one_call(
+    models: dict[str, Checkpoint], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The batch works out how its rows draw once while they stay the same: each row that
+    joins or leaves must give a new plan (a stale one would fail the batch's one sampling
+    call, whose fallback samples each row alone, with a warning)."""
+    loaded = models["lstm"]
+    plan = [
+        Arrival(0, job(max_words=1, random_seed=1, params=SamplingParams(temperature=0))),
+        Arrival(0, job(max_words=8, random_seed=2, params=SamplingParams(top_k=3))),
+        Arrival(1, job(max_words=8, random_seed=3, params=SamplingParams(top_k=0, temperature=3))),
+    ]
+    results, _, sizes = run_batched(loaded, plan)
+    assert sizes[:3] == [2, 2, 2]  # the third joined where the first left
+    for i, arrival in enumerate(plan):
+        assert results[i].samples == run_alone(loaded, arrival.job)[0].samples, i
+    assert "failed; sampling each alone" not in caplog.text
+
+
 # -- the engines, on their thread ------------------------------------------------------------
 
 

@@ -17,6 +17,7 @@ from model_store.network import CELLS, Hidden, ModelConfig, WordRNN, hidden_part
 from model_store.sampling import (
     Draws,
     SamplingParams,
+    SamplingPlan,
     advance,
     feed,
     generate,
@@ -355,6 +356,25 @@ def test_params_reject_a_non_finite_temperature(temperature: float) -> None:
 def test_sample_needs_one_params_and_one_generator_per_row() -> None:
     with pytest.raises(ValueError, match="one SamplingParams and one generator per row"):
         sample(random_logits(0, rows=2), [SamplingParams()], [make_generator(0)])
+
+
+@FAST
+@given(st.integers(0, 2**31))
+def test_a_kept_plan_draws_what_one_worked_out_each_call_draws(seed: int) -> None:
+    """A caller keeps the rows' `SamplingPlan` while they stay the same (a server's batch):
+    every step then draws the words a plan made for the step would."""
+    plan = SamplingPlan(MIXED, VOCAB, torch.device("cpu"))
+    kept = [make_generator(seed + i) for i in range(len(MIXED))]
+    fresh = [make_generator(seed + i) for i in range(len(MIXED))]
+    for step in range(5):
+        logits = random_logits(seed + step, rows=len(MIXED))
+        assert sample(logits, MIXED, kept, BANNED, plan) == sample(logits, MIXED, fresh, BANNED)
+
+
+def test_a_plan_for_other_rows_is_refused() -> None:
+    plan = SamplingPlan(MIXED[:2], VOCAB, torch.device("cpu"))
+    with pytest.raises(ValueError, match="the plan is for another batch"):
+        sample(random_logits(0, rows=3), MIXED[:3], [make_generator(i) for i in range(3)], (), plan)
 
 
 def test_penalties_change_the_scores_as_defined() -> None:

@@ -39,6 +39,8 @@ from model_store.copies import CopyGuard
 from model_store.network import Hidden, WordRNN, hidden_cat, hidden_select, hidden_to
 from model_store.sampling import (
     Draws,
+    SamplingParams,
+    SamplingPlan,
     advance,
     next_logits,
     penalize,
@@ -49,6 +51,7 @@ from model_store.sampling import (
 from model_store.vocab import Vocab
 
 log = logging.getLogger("app")
+_UNSCORED: tuple[None, Alternatives] = (None, ())  # a row's score when no row asked for one
 
 
 @dataclass(eq=False)
@@ -66,11 +69,26 @@ class _Sequence:
 class _Row:
     seq: _Sequence
     index: int  # the sample's index in its request
+    sample: Continuation  # its text: ``seq.texts[index]``
     generator: Draws
     states: list[Hidden] | None  # after each word (a session with stop strings), else None
     text: list[int] = field(default_factory=list)  # ids so far, kept for repetition controls
     generated: int = 0  # how many of them this row drew
     cache: TextCache | None = None  # the model's text cache: the history counted
+
+
+class _Plan:
+    """What the batch's rows ask of a step, worked out once while they stay the same (a
+    row's parameters asked at every step by each control cost more than the controls)."""
+
+    def __init__(self, rows: Sequence[_Row], vocab_size: int, device: torch.device) -> None:
+        self.params: list[SamplingParams] = [row.seq.job.params for row in rows]
+        self.generators = [row.generator for row in rows]
+        self.sampling = SamplingPlan(self.params, vocab_size, device)
+        self.caches = any(row.cache is not None for row in rows)
+        self.logprobs = any(row.seq.job.logprobs is not None for row in rows)
+        self.penalizes = any(p.penalizes for p in self.params)
+        self.copies = any(p.max_copy_words for p in self.params)
 
 
 @dataclass(frozen=True)
@@ -108,8 +126,10 @@ class Batch:
         self.copies = copies  # the training text's index, for `max_copy_words`
         self.hidden: Hidden | None = None
         self.rows: list[_Row] = []
+        self._plan: _Plan | None = None  # the rows', while they stay the same
         self._seqs: dict[Hashable, _Sequence] = {}
         device = model.embedding.weight.device
+        self._tokens = vocab.tokens
         self._banned = torch.tensor(list(banned), dtype=torch.long, device=device)  # never drawn
         self._continuing = _continuations(vocab, device)  # barred from a sample's first piece
         self._fresh: Hidden | None = None  # the state after <bos>: where every new text starts
@@ -154,7 +174,7 @@ class Batch:
         if parts:  # nothing above changed the batch: a failure leaves it as it was
             joined = hidden_cat([self.hidden, *parts] if self.hidden is not None else parts)
             self.hidden = joined
-            self.rows += rows
+            self._set_rows(self.rows + rows)
             self._seqs.update((seq.key, seq) for seq in seqs)
         return updates
 
@@ -188,6 +208,7 @@ class Batch:
             _Row(
                 seq,
                 i,
+                texts[i],
                 Draws(job.random_seed + i),
                 [start] if keep else None,
                 history[:],
@@ -201,30 +222,29 @@ class Batch:
         """Advance every row by one word, in one forward pass; finished rows leave, and so do
         the rows of a request whose own work failed."""
         assert self.hidden is not None, "step() on an empty batch"
-        rows = self.rows
+        rows, plan = self.rows, self._planned()
         logits = raw = next_logits(self.model, self.hidden)  # (B, V)
-        if any(row.cache is not None for row in rows):
+        if plan.caches:
             nexts = [row.cache.next_ids() if row.cache is not None else None for row in rows]
             logits = raw = mix_rows(raw, nexts)
         # The scores are changed in place from here (each copy of all B rows, and the wait
         # for torch's threads that comes with it, cost more than the change): on a copy when
         # `_scores` is to read the model's own.
-        if any(row.seq.job.logprobs is not None for row in rows):
+        if plan.logprobs:
             logits = raw.clone()
         if self._continuing is not None:
-            starting = [pos for pos, row in enumerate(rows) if row.seq.texts[row.index].tokens == 0]
+            starting = [pos for pos, row in enumerate(rows) if row.sample.tokens == 0]
             if starting:  # a sample's first piece opens a word: the seed's last one is whole
                 index = torch.tensor(starting, device=logits.device)
                 logits.index_copy_(0, index, logits[index].masked_fill(self._continuing, -math.inf))
-        if any(row.seq.job.params.penalizes for row in rows):
-            params = [row.seq.job.params for row in rows]
+        if plan.penalizes:
             texts, counts = [row.text for row in rows], [row.generated for row in rows]
-            logits = penalize(logits, params, texts, counts)
-        if self.copies is not None and any(row.seq.job.params.max_copy_words for row in rows):
+            logits = penalize(logits, plan.params, texts, counts)
+        if self.copies is not None and plan.copies:
             logits = self._forbid_copies(logits)
         logits.index_fill_(1, self._banned, -math.inf)
-        ids, failed = self._sample(logits)
-        scores = self._scores(raw, ids)
+        ids, failed = self._sample(logits, plan)
+        scores = self._scores(raw, ids) if plan.logprobs else None
         before, hidden = self.hidden, advance(self.model, self.hidden, ids)
         events: dict[_Sequence, list[WordEvent]] = {}
         finished: list[_Sequence] = []
@@ -234,7 +254,7 @@ class Batch:
             if seq in failed:
                 continue
             try:
-                score = scores[pos] if scores is not None else (None, ())
+                score = scores[pos] if scores is not None else _UNSCORED
                 done = self._push(row, pos, word_id, score, before, hidden, events)
             except Exception as exc:
                 failed[seq] = exc
@@ -245,9 +265,10 @@ class Batch:
             seq.running -= 1
             if seq.running == 0:
                 finished.append(seq)
-        keep = [pos for pos in keep if rows[pos].seq not in failed]  # a sibling row failed
+        if failed:  # a sibling row failed
+            keep = [pos for pos in keep if rows[pos].seq not in failed]
         if len(keep) < len(rows):
-            self.rows = [rows[pos] for pos in keep]
+            self._set_rows([rows[pos] for pos in keep])
             hidden = hidden_select(hidden, keep) if keep else None
         self.hidden = hidden
         updates = [Update(seq.key, words) for seq, words in events.items() if seq not in failed]
@@ -271,13 +292,23 @@ class Batch:
             limit = row.seq.job.params.max_copy_words
             if not limit:
                 continue
-            text = row.seq.texts[row.index]
+            text = row.sample
             banned = self.copies.banned(row.seq.job.context, text.words, text.pending_word, limit)
             if banned:
                 logits[pos, torch.tensor(banned, device=logits.device)] = -math.inf
         return logits
 
-    def _sample(self, logits: torch.Tensor) -> tuple[list[int], dict[_Sequence, Exception]]:
+    def _set_rows(self, rows: list[_Row]) -> None:
+        self.rows, self._plan = rows, None
+
+    def _planned(self) -> _Plan:
+        if self._plan is None:
+            self._plan = _Plan(self.rows, len(self.vocab), self.model.embedding.weight.device)
+        return self._plan
+
+    def _sample(
+        self, logits: torch.Tensor, plan: _Plan
+    ) -> tuple[list[int], dict[_Sequence, Exception]]:
         """Each row's next id from its (B, V) ``logits`` (the banned ids already -inf), all
         rows in one call.
 
@@ -286,32 +317,27 @@ class Batch:
         would have drawn; the requests whose rows fail are returned with their error, and
         their rows get a placeholder id (they leave after this step).
         """
-        rows = self.rows
-        params = [row.seq.job.params for row in rows]
+        rows, params = self.rows, plan.params
         try:
-            return sample(logits, params, [row.generator for row in rows]), {}
+            return sample(logits, params, plan.generators, plan=plan.sampling), {}
         except Exception:
             log.warning("sampling %d rows at once failed; sampling each alone", len(rows))
         ids: list[int] = []
         failed: dict[_Sequence, Exception] = {}
         for pos, row in enumerate(rows):
             try:
-                row.generator.rewind(row.seq.texts[row.index].tokens)
+                row.generator.rewind(row.sample.tokens)
                 ids += sample(logits[pos : pos + 1], [params[pos]], [row.generator])
             except Exception as exc:
                 failed.setdefault(row.seq, exc)
                 ids.append(self.vocab.bos_id)
         return ids, failed
 
-    def _scores(
-        self, logits: torch.Tensor, ids: Sequence[int]
-    ) -> list[tuple[float, Alternatives]] | None:
+    def _scores(self, logits: torch.Tensor, ids: Sequence[int]) -> list[tuple[float, Alternatives]]:
         """Each row's drawn token's log-probability under the model (before temperature and
-        truncation, as ``/score`` gives it) and its alternatives, when any row asked for them:
-        the likeliest tokens that open a word (never a special one)."""
+        truncation, as ``/score`` gives it) and its alternatives, asked when any row asked for
+        them: the likeliest tokens that open a word (never a special one)."""
         wanted = [row.seq.job.logprobs for row in self.rows]
-        if all(w is None for w in wanted):
-            return None
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         chosen = log_probs.gather(1, torch.tensor(ids, device=logits.device).unsqueeze(1))
         top = max(w or 0 for w in wanted)
@@ -345,9 +371,8 @@ class Batch:
         """Add row ``pos``'s new token to its text (and its words to stream to ``events``);
         whether the row is done. ``before`` and ``hidden`` are the states before and after
         the token was fed: a refused token leaves the row's state at ``before``."""
-        seq = row.seq
-        text = seq.texts[row.index]
-        accepted = text.push_token(self.vocab.tokens[word_id], *score)
+        seq, text = row.seq, row.sample
+        accepted = text.push_token(self._tokens[word_id], *score)
         if accepted and seq.job.params.penalizes:
             row.text.append(word_id)
             row.generated += 1
@@ -378,7 +403,7 @@ class Batch:
             return
         keep = [pos for pos, row in enumerate(self.rows) if row.seq.key not in keys]
         if len(keep) < len(self.rows):
-            self.rows = [self.rows[pos] for pos in keep]
+            self._set_rows([self.rows[pos] for pos in keep])
             assert self.hidden is not None
             self.hidden = hidden_select(self.hidden, keep) if keep else None
         for key in keys:
@@ -386,7 +411,8 @@ class Batch:
 
     def clear(self) -> list[Hashable]:
         keys = self.keys
-        self.hidden, self.rows, self._seqs = None, [], {}
+        self.hidden, self._seqs = None, {}
+        self._set_rows([])
         return keys
 
     def _result(self, seq: _Sequence) -> GenerationResult:
