@@ -459,11 +459,12 @@ def _draw(logits: Tensor, draws: Tensor, group: _Group) -> Tensor:
         rank = torch.arange(k, device=device).unsqueeze(0)
         weights = weights.masked_fill((before >= group.top_ps) & (rank > 0), 0.0)
     cdf = weights.cumsum(-1)
+    # A draw below 1 puts the target below the total (a float product by a number below 1
+    # never rounds up to the other factor), so the first place the running sum passes it is
+    # a word the row may pick: its weight is what took the sum past. A row left no word at
+    # all (every score -inf, its weights NaN) finds no such place: it takes the last column.
     target = (draws * cdf[:, -1]).unsqueeze(1)  # (B, 1)
-    choice = torch.searchsorted(cdf, target, right=True)
-    # Rounding may put the target at the total: take the last word a row may pick.
-    last = weights.shape[1] - 1 - (weights > 0).flip(-1).to(torch.int8).argmax(-1, keepdim=True)
-    choice = torch.minimum(choice, last).squeeze(1)
+    choice = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
     return choice if idx is None else idx.gather(1, choice.unsqueeze(1)).squeeze(1)
 
 

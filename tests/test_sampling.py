@@ -371,6 +371,29 @@ def test_a_kept_plan_draws_what_one_worked_out_each_call_draws(seed: int) -> Non
         assert sample(logits, MIXED, kept, BANNED, plan) == sample(logits, MIXED, fresh, BANNED)
 
 
+@FAST
+@given(
+    st.integers(0, 2**31),
+    st.sampled_from([0.0, 1 - 2**-24]),  # the lowest and the highest draw a float32 holds
+    st.sampled_from([SamplingParams(top_k=0), SamplingParams(top_k=5), SamplingParams(top_p=0.5)]),
+)
+def test_the_extreme_draws_pick_only_words_the_row_may_pick(
+    seed: int, draw: float, params: SamplingParams
+) -> None:
+    logits = random_logits(seed, rows=8)
+    barred = torch.rand(logits.shape, generator=make_generator(seed)) < 0.5
+    barred[:, int(torch.randint(VOCAB, (1,), generator=make_generator(seed)))] = False
+    logits = logits.masked_fill(barred, -math.inf)
+    extreme = [Draws(0) for _ in range(8)]
+    for generator in extreme:
+        generator._block, generator._next = [draw], 0
+    picked = sample(logits, [params] * 8, extreme)
+    assert all(not barred[row, word] for row, word in enumerate(picked))
+    # A row left no word at all still gets an id of the vocabulary (its caller's to refuse).
+    nothing = torch.full((1, VOCAB), -math.inf)
+    assert 0 <= sample(nothing, [params], extreme[:1])[0] < VOCAB
+
+
 def test_a_plan_for_other_rows_is_refused() -> None:
     plan = SamplingPlan(MIXED[:2], VOCAB, torch.device("cpu"))
     with pytest.raises(ValueError, match="the plan is for another batch"):
