@@ -128,7 +128,7 @@ class Continuation:
         """Add the model's next token (with its log-probability and the alternatives to it,
         when they were computed); False when it is refused because the sample was already
         complete (a subword start piece past ``max_words``): then ``done`` is set."""
-        if self._full or self._cut is not None:  # done (asked of every row at every step)
+        if self.done:
             return False
         if not self._subword:
             self.tokens += 1

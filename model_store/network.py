@@ -296,11 +296,6 @@ class WordRNN(nn.Module):
         self._input_table = _InputTable(gates, _versions((weight, w_ih, b_ih)))
         return True
 
-    @property
-    def input_table(self) -> Tensor | None:
-        """The (V, 4 H) input table of `tabulate_inputs`, while the model has one."""
-        return self._input_table.gates if self._input_table is not None else None
-
     def _table_is_current(self, table: _InputTable) -> bool:
         w_ih, _, b_ih, _ = self.rnn.all_weights[0]
         if _versions((self.embedding.weight, w_ih, b_ih)) == table.versions:

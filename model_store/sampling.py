@@ -303,11 +303,13 @@ class SamplingPlan:
     row sets (its own top-k below the group's, its temperature, ``uniform``, ``top_p``).
 
     Worked out once for as long as the rows stay the same: a server's batch keeps its rows
-    for many steps, and asking each row's parameters at every step was most of a step's
+    for many steps, and asking each row's parameters at every step was a good part of the
     Python around the sampling's few tensor operations.
     """
 
-    def __init__(self, params: Sequence[SamplingParams], vocab_size: int, device: torch.device):
+    def __init__(
+        self, params: Sequence[SamplingParams], vocab_size: int, device: torch.device
+    ) -> None:
         self.rows = len(params)
         groups: dict[int, list[int]] = {}  # k (0: the whole vocabulary, unsorted) -> rows
         for row, p in enumerate(params):
@@ -382,7 +384,7 @@ def sample(
             )
         draws = torch.tensor(
             [
-                g.take() if type(g) is Draws else torch.rand(1, generator=g).item()
+                g.take() if isinstance(g, Draws) else torch.rand(1, generator=g).item()
                 for g in generators
             ],
             device=logits.device,

@@ -104,7 +104,7 @@ def test_a_loaded_lstm_is_frozen_with_its_input_table(
 ) -> None:
     """A loaded model serves: an LSTM's steps read their input projections from a table."""
     loaded = checkpoint.load(first_commit(tmp_path / "run", make_model(cell=cell)))
-    assert (loaded.model.input_table is not None) is table
+    assert (loaded.model._input_table is not None) is table
 
 
 def test_load_keeps_tied_weights_tied(tmp_path: Path) -> None:

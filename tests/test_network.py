@@ -350,10 +350,10 @@ def test_an_input_table_gives_the_numbers_of_the_cells(
     ids = torch.randint(VOCAB, (3, steps))
     given = (torch.randn(layers, 3, DIM), torch.randn(layers, 3, DIM))
     want = model.feed(ids, given)
-    assert model.input_table is None
+    assert model._input_table is None
     assert model.tabulate_inputs()
-    assert model.input_table is not None
-    assert model.input_table.shape == (VOCAB, 4 * DIM)
+    assert model._input_table is not None
+    assert model._input_table.gates.shape == (VOCAB, 4 * DIM)
     with monkeypatch.context() as patched:
         patched.setattr(model.rnn, "forward", _refuse)
         got = model.feed(ids, given)
@@ -391,7 +391,7 @@ def test_changing_the_weights_retires_the_input_table() -> None:
         got = model.feed(ids)
         want = model.recur(model.embedding(ids))
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
-    assert model.input_table is None
+    assert model._input_table is None
 
 
 @pytest.mark.parametrize(
@@ -411,7 +411,7 @@ def test_only_a_float_lstm_whose_table_fits_has_one(
     if quantize:
         model = quantized(model)
     assert model.tabulate_inputs(max_bytes) is made
-    assert (model.input_table is not None) is made
+    assert (model._input_table is not None) is made
 
 
 def test_weights_made_in_inference_mode_get_no_table() -> None:

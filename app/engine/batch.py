@@ -129,7 +129,6 @@ class Batch:
         self._plan: _Plan | None = None  # the rows', while they stay the same
         self._seqs: dict[Hashable, _Sequence] = {}
         device = model.embedding.weight.device
-        self._tokens = vocab.tokens
         self._banned = torch.tensor(list(banned), dtype=torch.long, device=device)  # never drawn
         self._continuing = _continuations(vocab, device)  # barred from a sample's first piece
         self._fresh: Hidden | None = None  # the state after <bos>: where every new text starts
@@ -372,7 +371,7 @@ class Batch:
         whether the row is done. ``before`` and ``hidden`` are the states before and after
         the token was fed: a refused token leaves the row's state at ``before``."""
         seq, text = row.seq, row.sample
-        accepted = text.push_token(self._tokens[word_id], *score)
+        accepted = text.push_token(self.vocab.tokens[word_id], *score)
         if accepted and seq.job.params.penalizes:
             row.text.append(word_id)
             row.generated += 1
