@@ -31,18 +31,21 @@ def include_routes(app: FastAPI, settings: Settings) -> None:
     Each router is included into the app itself, not gathered into one router first: FastAPI
     matches a request one level of included routers at a time, and every request would pay
     for the extra level."""
+    protected = key_required(settings)
+    # FastAPI tries the routers in order, and each one passed costs every request that goes
+    # on: the generation routes come first.
+    for router in (generate.router, openai.router):
+        app.include_router(router, dependencies=protected)
     app.include_router(status.router)
     # The playground's page and files hold no data (its API calls carry the key typed into it).
     app.include_router(playground.router)
     app.include_router(apidocs.router)  # the API's documentation, open as the schema is
-    for protected in (
+    for router in (
         metrics.router,
-        generate.router,
         sessions.router,
         probabilities.router,
         tokenize.router,
         status.info_router,
-        openai.router,
         tgi.router,
     ):
-        app.include_router(protected, dependencies=key_required(settings))
+        app.include_router(router, dependencies=protected)
