@@ -153,9 +153,9 @@ class Settings(BaseSettings):
     )
     quantize: Literal["off", "int8"] = Field(
         "off",
-        description="int8: serve the model with int8 weights in its output layer and LSTM/GRU "
-        "(CPU only): faster steps at nearly the same bits per character, but a sample's words "
-        "then depend on the requests that share its steps (README).",
+        description="int8: serve the model with int8 weights in its output layer (CPU only): "
+        "faster steps at nearly the same bits per character, each row quantized by itself, so "
+        "a random_seed gives the same words beside other requests as alone (README).",
     )
     torch_threads: int = Field(
         0,

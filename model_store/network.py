@@ -9,7 +9,6 @@ large vocabularies, several times cheaper.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, cast
@@ -227,7 +226,7 @@ class WordRNN(nn.Module):
         else:
             self.rnn = nn.RNN(nonlinearity=config.cell.removeprefix("rnn_"), **rnn_kwargs)
         self._input_table: _InputTable | None = None  # `tabulate_inputs`
-        self.decoder: nn.Linear | None = None
+        self.decoder: nn.Linear | Int8Linear | None = None  # int8: `quantized`
         self.adaptive: nn.AdaptiveLogSoftmaxWithLoss | None = None
         if config.softmax == "adaptive":
             self.adaptive = nn.AdaptiveLogSoftmaxWithLoss(
@@ -382,23 +381,57 @@ class WordRNN(nn.Module):
         return self.logits(out), hidden
 
 
-def quantized(model: WordRNN) -> WordRNN:
-    """``model``, changed in place for the CPU: its output layer (nearly all of a step's work)
-    and LSTM or GRU hold int8 weights, the inputs quantized batch by batch as they come
-    (torch's dynamic quantization). The embedding and the state stay float.
+class Int8Linear(nn.Module):
+    """A frozen `nn.Linear` with int8 weights (one scale per output), for serving on a CPU.
 
-    ``torch.ao.quantization`` is deprecated in favour of torchao, but torchao's int8 CPU
-    kernels measured slower than float32 here (without ``torch.compile``), and these faster
-    (``bench/serve_load.py --quantize int8``); its warnings are not the user's to act on.
+    Each input row is quantized with a scale of its own and multiplied in integers
+    (``torch._int_mm``: exact int32 sums), so a row's output is the same whatever rows share
+    its batch, and a ``random_seed`` gives the same words beside other requests as alone.
+    torch's dynamic quantization scales a whole batch at once: a row's scores moved with the
+    rows beside it, and a sample's words with the requests that shared its steps.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return cast(
-            WordRNN,
-            torch.ao.quantization.quantize_dynamic(
-                model, {nn.Linear, nn.LSTM, nn.GRU}, dtype=torch.qint8, inplace=True
-            ),
-        )
+
+    weight: Tensor
+    scale: Tensor
+    bias: Tensor | None
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach().float()
+        scale = _int8_scale(weight)
+        self.register_buffer("weight", torch.round(weight / scale).to(torch.int8))
+        self.register_buffer("scale", scale.squeeze(1))
+        bias = linear.bias
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, self.in_features).float()
+        scale = _int8_scale(rows)
+        ints = torch._int_mm(torch.round(rows / scale).to(torch.int8), self.weight.t())
+        out = ints.float().mul_(self.scale).mul_(scale)
+        if self.bias is not None:
+            out.add_(self.bias)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+def _int8_scale(rows: Tensor) -> Tensor:
+    """(N, 1): each row's largest magnitude over 127, so that the row rounds into int8 (a row
+    of zeros gets the smallest normal float, not a division by zero)."""
+    largest = rows.abs().amax(dim=1, keepdim=True)
+    return largest.clamp_min(torch.finfo(torch.float32).tiny) / 127
+
+
+def quantized(model: WordRNN) -> WordRNN:
+    """``model``, changed in place for the CPU: every linear layer (the output layer, nearly
+    all of a step's work, or an adaptive softmax's) becomes an `Int8Linear`. The embedding and
+    the recurrent cell stay float: torch's int8 LSTM and GRU scale a whole batch at once, and
+    an LSTM's step reads its input projections from a table (`WordRNN.tabulate_inputs`)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                setattr(module, name, Int8Linear(child))
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -65,6 +65,7 @@ def models(tiny_run: Path, lstm_run: Path, cached_run: Path) -> dict[str, Checkp
         "rnn": checkpoint.load(tiny_run, "cpu"),
         "lstm": checkpoint.load(lstm_run, "cpu"),
         "cached": checkpoint.load(cached_run, "cpu"),
+        "int8": checkpoint.load(lstm_run, "cpu", "int8"),
     }
 
 
@@ -190,7 +191,7 @@ def by_sample(events: list[WordEvent]) -> dict[int, list[WordEvent]]:
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.data(), cell=st.sampled_from(["rnn", "lstm", "cached"]))
+@given(data=st.data(), cell=st.sampled_from(["rnn", "lstm", "cached", "int8"]))
 def test_batched_generation_equals_one_at_a_time(
     models: dict[str, Checkpoint], data: st.DataObject, cell: str
 ) -> None:
