@@ -419,7 +419,7 @@ def _int8_scale(rows: Tensor) -> Tensor:
     """(N, 1): each row's largest magnitude over 127, so that the row rounds into int8 (a row
     of zeros gets the smallest normal float, not a division by zero)."""
     largest = rows.abs().amax(dim=1, keepdim=True)
-    return largest.clamp_min(torch.finfo(torch.float32).tiny) / 127
+    return (largest / 127).clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def quantized(model: WordRNN) -> WordRNN:
