@@ -415,11 +415,14 @@ class Int8Linear(nn.Module):
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
+_SMALLEST_NORMAL = torch.finfo(torch.float32).tiny
+
+
 def _int8_scale(rows: Tensor) -> Tensor:
     """(N, 1): each row's largest magnitude over 127, so that the row rounds into int8 (a row
     of zeros gets the smallest normal float, not a division by zero)."""
     largest = rows.abs().amax(dim=1, keepdim=True)
-    return (largest / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    return (largest / 127).clamp_min(_SMALLEST_NORMAL)
 
 
 def quantized(model: WordRNN) -> WordRNN:

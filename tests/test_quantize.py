@@ -104,9 +104,9 @@ def test_int8_rows_are_the_same_whatever_rows_share_their_step(lstm_run: Path) -
     a row's scores are the same bits alone and beside others, whatever their size."""
     model = checkpoint.load(lstm_run, "cpu", "int8").model
     row = torch.linspace(-1, 1, model.config.hidden_dim).unsqueeze(0)
-    others = torch.randn(70, model.config.hidden_dim) * 40
+    others = torch.randn(75, model.config.hidden_dim, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         alone = model.logits(row)
-        for beside in (torch.cat([row, others[:1]]), torch.cat([others, row, others[:5]])):
-            at = 0 if beside.shape[0] == 2 else 70
-            assert torch.equal(model.logits(beside)[at : at + 1], alone)
+        for before, after in ((0, 1), (70, 5)):  # the row at 0 of 2, at 70 of 76
+            beside = torch.cat([40 * others[:before], row, 40 * others[before : before + after]])
+            assert torch.equal(model.logits(beside)[before : before + 1], alone)
