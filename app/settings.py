@@ -153,9 +153,10 @@ class Settings(BaseSettings):
     )
     quantize: Literal["off", "int8"] = Field(
         "off",
-        description="int8: serve the model with int8 weights in its output layer (CPU only): "
-        "faster steps at nearly the same bits per character, each row quantized by itself, so "
-        "a random_seed gives the same words beside other requests as alone (README).",
+        description="int8: serve the model with int8 weights in its output layer and its "
+        "LSTM (CPU only): faster steps at nearly the same bits per character, each row "
+        "quantized by itself, so a random_seed gives the same words beside other requests as "
+        "alone (README).",
     )
     torch_threads: int = Field(
         0,

@@ -16,6 +16,7 @@ from typing import Any, Literal, cast
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from model_store.cache import CacheSettings
 
@@ -191,7 +192,12 @@ def projected_lstm_cell(
     cell with its input projected beforehand (as its full-sequence layer does), in order,
     so the same numbers come out."""
     h, c = state
-    gates = F.linear(h, w_hh, b_hh).add_(gates_in)
+    return _lstm_gates(F.linear(h, w_hh, b_hh).add_(gates_in), c)
+
+
+def _lstm_gates(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """An LSTM cell's new ``(h, c)`` from its (B, 4 H) summed projections, as torch's CPU
+    cell works them out."""
     i, f, g, o = gates.unsafe_chunk(4, 1)
     i, f, g, o = i.sigmoid_(), f.sigmoid_(), g.tanh_(), o.sigmoid_()
     c = (f * c).add_(i * g)
@@ -218,7 +224,7 @@ class WordRNN(nn.Module):
             "dropout": rnn_dropout,
             "batch_first": True,
         }
-        self.rnn: nn.RNNBase
+        self.rnn: nn.RNNBase | Int8LSTM  # int8: `quantized`
         if config.cell == "lstm":
             self.rnn = nn.LSTM(**rnn_kwargs)
         elif config.cell == "gru":
@@ -265,8 +271,11 @@ class WordRNN(nn.Module):
         (zeros when None): the state after them. With an input table (`tabulate_inputs`), the
         first LSTM layer's input projections are read from it instead of computed."""
         table = self._input_table
-        if table is not None and self._by_cells(ids) and self._table_is_current(table):
-            return self._lstm_cells(F.embedding(ids, table.gates), hidden, projected=True)
+        if table is not None and self._table_is_current(table):
+            if isinstance(self.rnn, Int8LSTM):
+                return self.rnn.run(F.embedding(ids, table.gates), hidden)[1]
+            if self._by_cells(ids):
+                return self._lstm_cells(F.embedding(ids, table.gates), hidden, projected=True)
         return self.recur(self.embedding(ids), hidden)
 
     def tabulate_inputs(self, max_bytes: int = INPUT_TABLE_BYTES) -> bool:
@@ -274,30 +283,46 @@ class WordRNN(nn.Module):
         (``W_ih x + b_ih``: a (V, 4 H) table of at most ``max_bytes``), so that each step of
         a frozen model reads rows instead of multiplying. That product is half of a cell
         step's multiply-adds (as many as the recurrent weights'), and a joining seed's few
-        rows read all its weights once per word. Whether the model has a table: an LSTM on a
-        CPU whose table fits, with weights whose changes can be told (not inference tensors);
-        other cells' steps go through the module.
+        rows read all its weights once per word. Whether the model has a table: an LSTM (or
+        an `Int8LSTM`) on a CPU whose table fits, with weights whose changes can be told (not
+        inference tensors); other cells' steps go through the module.
 
         The states are those fed without a table up to their last bits, which some CPUs'
-        matrix kernels round differently for a product of a few rows and one of thousands.
-        Changing the weights (training) retires the table; it is not in the state dict."""
+        matrix kernels round differently for a product of a few rows and one of thousands
+        (an `Int8LSTM`'s are the same bits). Changing the weights (training) retires the
+        table; it is not in the state dict."""
         self._input_table = None
+        sources = self._table_sources()
         weight = self.embedding.weight
-        if not (type(self.rnn) is nn.LSTM and weight.device.type == "cpu"):
+        if sources is None or weight.device.type != "cpu":
             return False
-        w_ih, _, b_ih, _ = self.rnn.all_weights[0]
-        if any(t.is_inference() for t in (weight, w_ih, b_ih)):
+        if any(t.is_inference() for t in sources):
             return False
-        if weight.shape[0] * w_ih.shape[0] * weight.element_size() > max_bytes:
+        if weight.shape[0] * 4 * self.config.hidden_dim * weight.element_size() > max_bytes:
             return False
         with torch.no_grad():
-            gates = F.linear(weight, w_ih, b_ih)
-        self._input_table = _InputTable(gates, _versions((weight, w_ih, b_ih)))
+            if isinstance(self.rnn, Int8LSTM):
+                gates = self.rnn.inputs[0](weight)
+            else:
+                w_ih, _, b_ih, _ = self.rnn.all_weights[0]
+                gates = F.linear(weight, w_ih, b_ih)
+        self._input_table = _InputTable(gates, _versions(sources))
         return True
 
+    def _table_sources(self) -> tuple[Tensor, ...] | None:
+        """What an input table is made from: the embedding and the first layer's input
+        weights (None for a cell that has no table)."""
+        if isinstance(self.rnn, Int8LSTM):
+            first = self.rnn.inputs[0]
+            return (self.embedding.weight, first.weight, first.scale, first.bias)
+        if type(self.rnn) is nn.LSTM:
+            w_ih, _, b_ih, _ = self.rnn.all_weights[0]
+            return (self.embedding.weight, w_ih, b_ih)
+        return None
+
     def _table_is_current(self, table: _InputTable) -> bool:
-        w_ih, _, b_ih, _ = self.rnn.all_weights[0]
-        if _versions((self.embedding.weight, w_ih, b_ih)) == table.versions:
+        sources = self._table_sources()
+        if sources is not None and _versions(sources) == table.versions:
             return True
         self._input_table = None  # the weights changed since
         return False
@@ -395,14 +420,14 @@ class Int8Linear(nn.Module):
     scale: Tensor
     bias: Tensor | None
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        """From a float layer's (out, in) ``weight`` and its ``bias``."""
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach().float()
+        self.out_features, self.in_features = weight.shape
+        weight = weight.detach().float()
         scale = _int8_scale(weight)
         self.register_buffer("weight", torch.round(weight / scale).to(torch.int8))
         self.register_buffer("scale", scale.squeeze(1))
-        bias = linear.bias
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
     def forward(self, x: Tensor) -> Tensor:
@@ -425,15 +450,84 @@ def _int8_scale(rows: Tensor) -> Tensor:
     return (largest / 127).clamp_min(_SMALLEST_NORMAL)
 
 
+class Int8LSTM(nn.Module):
+    """A frozen `WordRNN` LSTM (batch first) whose products are `Int8Linear`s, for serving on
+    a CPU: each layer's input projection (``W_ih x + b_ih``) and recurrent one (``W_hh h +
+    b_hh``), then torch's gate arithmetic (`_lstm_gates`).
+
+    Each row is quantized by itself, so a row's state is the same whatever rows share its
+    steps and whichever way it is fed: a step, a seed, seeds of several lengths packed
+    together, a text to score (torch's int8 LSTM scales a whole batch at once). Called as the
+    module it replaces, ``(out, (h, c))``, a `PackedSequence` in and out too; `run` starts from
+    the first layer's input projections (read from `WordRNN.tabulate_inputs`'s table).
+    """
+
+    def __init__(self, lstm: nn.LSTM) -> None:
+        super().__init__()
+        self.hidden_size = lstm.hidden_size
+        self.inputs = nn.ModuleList(Int8Linear(w[0], w[2]) for w in lstm.all_weights)
+        self.recurrent = nn.ModuleList(Int8Linear(w[1], w[3]) for w in lstm.all_weights)
+
+    def forward(
+        self, inputs: Tensor | PackedSequence, hidden: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor | PackedSequence, tuple[Tensor, Tensor]]:
+        """(B, T, E) inputs (or packed rows of several lengths) fed on top of ``hidden``
+        (zeros when None): the top layer's outputs and the state after each row."""
+        if not isinstance(inputs, PackedSequence):
+            return self.run(self.inputs[0](inputs), hidden)
+        padded, lengths = pad_packed_sequence(inputs, batch_first=True)
+        out, state = self.run(self.inputs[0](padded), hidden, lengths)
+        return pack_padded_sequence(out, lengths, batch_first=True, enforce_sorted=False), state
+
+    def run(
+        self,
+        gates: Tensor,
+        hidden: tuple[Tensor, Tensor] | None = None,
+        lengths: Tensor | None = None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """The first layer's (B, T, 4 H) input projections fed on top of ``hidden``: the top
+        layer's (B, T, H) outputs and the state after each row's ``lengths`` steps (all T
+        when None; a row's later steps are worked out, and left out)."""
+        rows, steps = gates.shape[:2]
+        if hidden is None:
+            zeros = gates.new_zeros(len(self.recurrent), rows, self.hidden_size)
+            hidden = (zeros, zeros)
+        ends = None if lengths is None else (lengths - 1).to(gates.device).unsqueeze(1)
+        hs: list[Tensor] = []
+        cs: list[Tensor] = []
+        out = gates
+        for layer, recurrent in enumerate(self.recurrent):
+            if layer:
+                gates = self.inputs[layer](out)
+            h, c = hidden[0][layer], hidden[1][layer]
+            end_h, end_c = h, c
+            outs: list[Tensor] = []
+            for t in range(steps):
+                h, c = _lstm_gates(recurrent(h).add_(gates[:, t]), c)
+                outs.append(h)
+                if ends is not None:
+                    at = ends == t
+                    end_h, end_c = torch.where(at, h, end_h), torch.where(at, c, end_c)
+            out = outs[0].unsqueeze(1) if steps == 1 else torch.stack(outs, 1)
+            hs.append(h if ends is None else end_h)
+            cs.append(c if ends is None else end_c)
+        if len(hs) == 1:  # one layer: its state as it is, not a copy
+            return out, (hs[0].unsqueeze(0), cs[0].unsqueeze(0))
+        return out, (torch.stack(hs), torch.stack(cs))
+
+
 def quantized(model: WordRNN) -> WordRNN:
     """``model``, changed in place for the CPU: every linear layer (the output layer, nearly
-    all of a step's work, or an adaptive softmax's) becomes an `Int8Linear`. The embedding and
-    the recurrent cell stay float: torch's int8 LSTM and GRU scale a whole batch at once, and
-    an LSTM's step reads its input projections from a table (`WordRNN.tabulate_inputs`)."""
+    all of a step's work, or an adaptive softmax's) becomes an `Int8Linear`, and an LSTM an
+    `Int8LSTM` (whose steps still read their input projections from a table,
+    `WordRNN.tabulate_inputs`). The embedding stays float, and so do a GRU's and an RNN's
+    cells: torch's int8 GRU scales a whole batch at once."""
+    if type(model.rnn) is nn.LSTM:
+        model.rnn = Int8LSTM(model.rnn)
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear:
-                setattr(module, name, Int8Linear(child))
+                setattr(module, name, Int8Linear(child.weight, child.bias))
     return model
 
 

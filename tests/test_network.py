@@ -399,7 +399,7 @@ def test_changing_the_weights_retires_the_input_table() -> None:
     [
         ("lstm", VOCAB * 4 * DIM * 4, False, True),
         ("lstm", VOCAB * 4 * DIM * 4 - 1, False, False),
-        ("lstm", 2**20, True, True),  # int8 weights in the output layer; the cell stays float
+        ("lstm", 2**20, True, True),  # an int8 LSTM reads its input projections too
         ("gru", 2**20, False, False),
         ("rnn_tanh", 2**20, False, False),
     ],

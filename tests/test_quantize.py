@@ -14,7 +14,8 @@ from torch import nn
 from app.main import create_app
 from app.settings import Settings
 from model_store import checkpoint
-from model_store.network import QUANTIZATIONS, Int8Linear
+from model_store.network import QUANTIZATIONS, Int8Linear, Int8LSTM, ModelConfig, WordRNN, quantized
+from model_store.sampling import feed
 from model_store.scoring import token_log_probs
 from tests.app_helpers import settings_for
 from tests.conftest import TINY_TEXT, MakeRun, build_run
@@ -29,8 +30,8 @@ def lstm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_int8_weights_score_nearly_as_float32(lstm_run: Path) -> None:
     exact, int8 = checkpoint.load(lstm_run), checkpoint.load(lstm_run, "cpu", "int8")
     assert isinstance(int8.model.decoder, Int8Linear)
-    assert type(int8.model.rnn) is nn.LSTM  # the cell stays float, and reads its input table
-    assert int8.model._input_table is not None
+    assert isinstance(int8.model.rnn, Int8LSTM)
+    assert int8.model._input_table is not None  # its steps read their input projections
     assert exact.model.decoder.weight.dtype == torch.float32  # the float model is untouched
     ids = exact.vocab.encode(exact.vocab.tokenize(TINY_TEXT))
     with torch.inference_mode():
@@ -43,7 +44,7 @@ def test_int8_weights_score_nearly_as_float32(lstm_run: Path) -> None:
 def test_an_int8_layer_is_close_to_its_float_layer_and_keeps_the_shape() -> None:
     torch.manual_seed(0)
     linear = nn.Linear(24, 50)
-    layer = Int8Linear(linear)
+    layer = Int8Linear(linear.weight, linear.bias)
     assert layer.weight.dtype == torch.int8
     x = torch.randn(2, 3, 24)
     with torch.inference_mode():
@@ -110,3 +111,48 @@ def test_int8_rows_are_the_same_whatever_rows_share_their_step(lstm_run: Path) -
         for before, after in ((0, 1), (70, 5)):  # the row at 0 of 2, at 70 of 76
             beside = torch.cat([40 * others[:before], row, 40 * others[before : before + after]])
             assert torch.equal(model.logits(beside)[before : before + 1], alone)
+
+
+def _int8_lstm(layers: int) -> tuple[WordRNN, WordRNN]:
+    """A float LSTM and its int8 copy (with an input table), 32 units a layer."""
+    torch.manual_seed(layers)
+    config = ModelConfig(vocab_size=40, cell="lstm", embed_dim=16, hidden_dim=32, layers=layers)
+    exact = WordRNN(config).eval()
+    int8 = WordRNN(config).eval()
+    int8.load_state_dict(exact.state_dict())
+    int8 = quantized(int8)
+    assert int8.tabulate_inputs()
+    return exact, int8
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_an_int8_lstm_state_is_the_same_bits_whichever_way_it_is_fed(layers: int) -> None:
+    """A step, a seed read from the input table, seeds of several lengths packed together,
+    the module and a text to score all give a row the same state, alone or beside others:
+    the engine's words for a `random_seed` do not depend on how its seed was fed or what
+    shared its steps."""
+    exact, int8 = _int8_lstm(layers)
+    seeds = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]
+    with torch.inference_mode():
+        packed = feed(int8, seeds)  # several lengths: the packed path
+        for row, seed in enumerate(seeds):
+            ids = torch.tensor([seed])
+            alone = feed(int8, [seed])  # the table's path
+            module = int8.rnn(int8.embedding(ids))[1]
+            scored, state = int8.features(ids)
+            for part in range(2):
+                assert torch.equal(packed[part][:, row : row + 1], alone[part])
+                assert torch.equal(module[part], alone[part])
+                assert torch.equal(state[part], alone[part])
+            assert torch.equal(scored[:, -1], alone[0][-1])
+        states = feed(int8, [[1, 2, 3]] * 6)
+        states = (states[0] * torch.arange(1, 7).view(1, 6, 1), states[1])
+        words = torch.tensor([3, 4, 5, 6, 7, 8])
+        batched = int8.step(words, states)
+        for row in range(6):
+            one = int8.step(words[row : row + 1], tuple(s[:, row : row + 1] for s in states))
+            for together, alone in zip(batched, one, strict=True):
+                assert torch.equal(together[:, row : row + 1], alone)
+        # Close to the float cell's, off by rounding steps of the weights and the rows.
+        want, got = feed(exact, seeds)[0], packed[0]
+        assert float((got - want).abs().max()) < 0.02 * float(want.abs().max())
