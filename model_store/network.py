@@ -495,10 +495,7 @@ class Int8LSTM(nn.Module):
         ends = None if lengths is None else (lengths - 1).to(gates.device).unsqueeze(1)
         hs: list[Tensor] = []
         cs: list[Tensor] = []
-        out = gates
         for layer, recurrent in enumerate(self.recurrent):
-            if layer:
-                gates = self.inputs[layer](out)
             h, c = hidden[0][layer], hidden[1][layer]
             end_h, end_c = h, c
             outs: list[Tensor] = []
@@ -511,6 +508,8 @@ class Int8LSTM(nn.Module):
             out = outs[0].unsqueeze(1) if steps == 1 else torch.stack(outs, 1)
             hs.append(h if ends is None else end_h)
             cs.append(c if ends is None else end_c)
+            if layer + 1 < len(self.recurrent):  # the next layer's input: these outputs
+                gates = self.inputs[layer + 1](out)
         if len(hs) == 1:  # one layer: its state as it is, not a copy
             return out, (hs[0].unsqueeze(0), cs[0].unsqueeze(0))
         return out, (torch.stack(hs), torch.stack(cs))
