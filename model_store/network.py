@@ -292,37 +292,36 @@ class WordRNN(nn.Module):
         (an `Int8LSTM`'s are the same bits). Changing the weights (training) retires the
         table; it is not in the state dict."""
         self._input_table = None
-        sources = self._table_sources()
+        projection = self._first_projection()
         weight = self.embedding.weight
-        if sources is None or weight.device.type != "cpu":
+        if projection is None or weight.device.type != "cpu":
             return False
+        project, sources = projection
         if any(t.is_inference() for t in sources):
             return False
         if weight.shape[0] * 4 * self.config.hidden_dim * weight.element_size() > max_bytes:
             return False
         with torch.no_grad():
-            if isinstance(self.rnn, Int8LSTM):
-                gates = self.rnn.inputs[0](weight)
-            else:
-                w_ih, _, b_ih, _ = self.rnn.all_weights[0]
-                gates = F.linear(weight, w_ih, b_ih)
+            gates = project(weight)
         self._input_table = _InputTable(gates, _versions(sources))
         return True
 
-    def _table_sources(self) -> tuple[Tensor, ...] | None:
-        """What an input table is made from: the embedding and the first layer's input
-        weights (None for a cell that has no table)."""
+    def _first_projection(self) -> tuple[Callable[[Tensor], Tensor], tuple[Tensor, ...]] | None:
+        """The first LSTM layer's input projection and the tensors an input table made with it
+        depends on (the embedding and that layer's input weights); None for a cell that has
+        no table."""
+        embedding = self.embedding.weight
         if isinstance(self.rnn, Int8LSTM):
             first = self.rnn.inputs[0]
-            return (self.embedding.weight, first.weight, first.scale, first.bias)
+            return first, (embedding, *first.buffers())
         if type(self.rnn) is nn.LSTM:
             w_ih, _, b_ih, _ = self.rnn.all_weights[0]
-            return (self.embedding.weight, w_ih, b_ih)
+            return (lambda x: F.linear(x, w_ih, b_ih)), (embedding, w_ih, b_ih)
         return None
 
     def _table_is_current(self, table: _InputTable) -> bool:
-        sources = self._table_sources()
-        if sources is not None and _versions(sources) == table.versions:
+        projection = self._first_projection()
+        if projection is not None and _versions(projection[1]) == table.versions:
             return True
         self._input_table = None  # the weights changed since
         return False
@@ -424,17 +423,14 @@ class Int8Linear(nn.Module):
         """From a float layer's (out, in) ``weight`` and its ``bias``."""
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        weight = weight.detach().float()
-        scale = _int8_scale(weight)
-        self.register_buffer("weight", torch.round(weight / scale).to(torch.int8))
+        ints, scale = _to_int8(weight.detach().float())
+        self.register_buffer("weight", ints)
         self.register_buffer("scale", scale.squeeze(1))
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
     def forward(self, x: Tensor) -> Tensor:
-        rows = x.reshape(-1, self.in_features).float()
-        scale = _int8_scale(rows)
-        ints = torch._int_mm(torch.round(rows / scale).to(torch.int8), self.weight.t())
-        out = ints.float().mul_(self.scale).mul_(scale)
+        ints, scale = _to_int8(x.reshape(-1, self.in_features).float())
+        out = torch._int_mm(ints, self.weight.t()).float().mul_(self.scale).mul_(scale)
         if self.bias is not None:
             out.add_(self.bias)
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -443,11 +439,12 @@ class Int8Linear(nn.Module):
 _SMALLEST_NORMAL = torch.finfo(torch.float32).tiny
 
 
-def _int8_scale(rows: Tensor) -> Tensor:
-    """(N, 1): each row's largest magnitude over 127, so that the row rounds into int8 (a row
-    of zeros gets the smallest normal float, not a division by zero)."""
-    largest = rows.abs().amax(dim=1, keepdim=True)
-    return (largest / 127).clamp_min(_SMALLEST_NORMAL)
+def _to_int8(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """(N, K) float rows as int8 and their (N, 1) scales: each row's largest magnitude over
+    127, so that the row rounds into int8 (a row of zeros gets the smallest normal float, not
+    a division by zero). The same rule for weights and inputs."""
+    scale = (rows.abs().amax(dim=1, keepdim=True) / 127).clamp_min(_SMALLEST_NORMAL)
+    return torch.round(rows / scale).to(torch.int8), scale
 
 
 class Int8LSTM(nn.Module):
